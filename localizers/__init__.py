@@ -1,0 +1,1 @@
+"""Neuron localizers (see issue 4)."""

@@ -1,0 +1,1 @@
+"""Paper-style tables from results files (see issue 5)."""
