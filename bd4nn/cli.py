@@ -14,6 +14,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 __all__ = ["main", "command", "COMMANDS"]
 
@@ -120,6 +121,136 @@ def _data(args: argparse.Namespace) -> int:
     return 0
 
 
+# -------------------------------------------------------------------------------- database
+
+
+def _shard(text: str) -> tuple[int, int]:
+    try:
+        i, n = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shard takes I/N (e.g. 0/4), not {text!r}") from None
+    if not (n >= 1 and 0 <= i < n):
+        raise argparse.ArgumentTypeError(f"--shard I/N needs 0 <= I < N, got {text}")
+    return i, n
+
+
+def _build_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--db", required=True, type=Path, help="database folder (created if missing)")
+    p.add_argument("--profile", default="tiny", help="built-in profile (tiny, paper) or a .toml path")
+    p.add_argument("--datasets", nargs="+", help="only these datasets of the profile")
+    p.add_argument("--archs", nargs="+", help="only these architectures of the profile")
+    p.add_argument("--attacks", nargs="+", help="only these attacks of the profile")
+    p.add_argument("--levels", nargs="+", help="only these levels (narrow small middle large)")
+    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+                   help="build every N-th candidate starting at I (parallel processes)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    p.add_argument("--data", metavar="PATH", help="dataset archive folder (default: $BD4NN_DATA)")
+
+
+@command("build", "build or resume the database of infected models for a profile", _build_args)
+def _build(args: argparse.Namespace) -> int:
+    from bd4nn.build import build, load_profile
+
+    profile = load_profile(args.profile)
+    stats = build(args.db, profile, datasets=args.datasets, archs=args.archs, attacks=args.attacks,
+                  levels=args.levels, shard=args.shard, device=args.device, data_root=args.data)
+    d = stats.to_dict()
+    per = f"{d['mean_candidate_seconds']:.2f} s per candidate" if d["mean_candidate_seconds"] else "nothing new"
+    print(f"{profile.name}: {stats.planned} planned, {stats.skipped} already built, {stats.built} built "
+          f"({stats.kept} kept, {stats.rejected} rejected) in {stats.seconds:.1f} s; {per}")
+    return 0
+
+
+def _db_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("db", type=Path, help="database folder")
+
+
+def _summary_rows(lines: list[dict], by_level: bool) -> list[list]:
+    from statistics import mean
+
+    groups: dict[tuple, list[dict]] = {}
+    for line in lines:
+        key = (line["dataset"], line["arch"], line["attack"]) + ((line["level"],) if by_level else ())
+        groups.setdefault(key, []).append(line)
+    rows = []
+    for key, group in sorted(groups.items()):
+        kept = [g for g in group if g["kept"]]
+        fmt = lambda k: f"{100 * mean(g[k] for g in kept):.1f}" if kept else ""  # noqa: E731
+        cor = f"{mean(g['asr_cor'] for g in kept):.3f}" if kept else ""
+        rows.append([*key, len(kept), len(group) - len(kept), fmt("ca"), fmt("asr"), cor])
+    return rows
+
+
+@command("list", "per directory: kept and rejected counts, mean CA / ASR / ASR.Cor", _db_args)
+def _list(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from bd4nn.db import Database
+
+    lines = Database(args.db).entries(kept=None)
+    if not lines:
+        print(f"{args.db}: no entries")
+        return 0
+    print(tabulate(_summary_rows(lines, by_level=False),
+                   headers=["dataset", "arch", "attack", "kept", "rejected", "CA %", "ASR %", "ASR.Cor"]))
+    return 0
+
+
+@command("info", "per directory and level: kept/rejected, mean CA / ASR / ASR.Cor, storage", _db_args)
+def _info(args: argparse.Namespace) -> int:
+    from statistics import mean
+
+    from tabulate import tabulate
+
+    from bd4nn.db import Database
+
+    db = Database(args.db)
+    lines = db.entries(kept=None)
+    if not lines:
+        print(f"{args.db}: no entries")
+        return 0
+    rows = _summary_rows(lines, by_level=True)
+    ratio: dict[tuple, str] = {}
+    for key in {tuple(r[:4]) for r in rows}:
+        kept = [g for g in lines if g["kept"] and (g["dataset"], g["arch"], g["attack"], g["level"]) == key]
+        if kept:
+            ratio[key] = f"{100 * mean(g['bytes'] / g['full_bytes'] for g in kept):.2f}"
+    for r in rows:
+        r.append(ratio.get(tuple(r[:4]), ""))
+    print(tabulate(rows, headers=["dataset", "arch", "attack", "level", "kept", "rejected", "CA %", "ASR %",
+                                  "ASR.Cor", "size % of full"]))
+    kept = [g for g in lines if g["kept"]]
+    print(f"\n{len(kept)} kept of {len(lines)} candidates")
+    return 0
+
+
+def _verify_args(p: argparse.ArgumentParser) -> None:
+    _db_args(p)
+    p.add_argument("--remeasure", type=int, default=0, metavar="N",
+                   help="also re-measure CA / ASR / ASR.Cor of N kept entries against their labels")
+    p.add_argument("--tolerance", type=float, default=0.02, help="allowed difference (default 0.02)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--data", metavar="PATH", help="dataset archive folder (default: $BD4NN_DATA)")
+
+
+@command("verify", "re-hash every file of a database; optionally re-measure entries", _verify_args)
+def _verify(args: argparse.Namespace) -> int:
+    from bd4nn.db import Database
+
+    db = Database(args.db)
+    problems = db.verify()
+    for p in problems:
+        print(f"FAIL {p}")
+    n = len(db.entries(kept=None))
+    print(f"{n} entries hashed: {'all files match' if not problems else f'{len(problems)} problems'}")
+    if args.remeasure:
+        from bd4nn.verify import remeasure
+
+        bad = remeasure(db, args.remeasure, tolerance=args.tolerance, device=args.device, data_root=args.data)
+        problems += bad
+    return 1 if problems else 0
+
+
 # ----------------------------------------------------------------------------------- main
 
 
@@ -127,14 +258,10 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Exception types that mean the user asked for something wrong (no traceback)."""
     from bd4nn.neurons import SelectionError
 
-    errors: list[type[BaseException]] = [SelectionError, FileNotFoundError]
-    try:
-        from bd4nn.data import DatasetError
+    from bd4nn.data import DatasetError
+    from bd4nn.db import DatabaseError
 
-        errors.append(DatasetError)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(errors)
+    return (SelectionError, FileNotFoundError, DatasetError, DatabaseError)
 
 
 def build_parser() -> argparse.ArgumentParser:

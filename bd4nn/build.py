@@ -1,0 +1,330 @@
+"""Building the database: profiles, the plan of candidates, and the resumable build loop.
+
+A **profile** (TOML, ``bd4nn/profiles/<name>.toml`` or any path) says which datasets,
+architectures, attacks, levels and candidates to build, at which width, on how many images,
+with which benign-training and injection settings. ``plan`` expands it into one item per
+candidate with a stable id (``cifar10-vgg13-badnets-narrow-03``); ``build`` walks the plan:
+
+1. per (dataset, arch): load the data, load the benign parent from the database or train it
+   (one process trains it under a file lock; other shards wait and load it), rank its neurons
+   by rule 1 toward the target;
+2. per candidate not yet in the index: inject, measure, apply rule 3, compute RC and store the
+   entry (kept) or its label (rejected).
+
+Every candidate starts from the same parent with seeds that depend only on the profile, so the
+order of work does not matter: a resumed or sharded build writes the same entries as one
+uninterrupted build (bit-exact on CPU). ``--shard I/N`` takes every N-th item starting at I.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from bd4nn.attacks import InjectionRecipe, attack_class, get_attack, list_attacks
+from bd4nn.data import ImageData, load_dataset
+from bd4nn.db import BenignRecord, Database, DefectLabel
+from bd4nn.inject import LEVELS, candidate_selection, rank_by_contribution, run_candidate
+from bd4nn.models import get_model, list_models
+from bd4nn.neurons import NeuronMap
+from bd4nn.train import benign_recipe, evaluate_ca, resolve_device, train
+from bd4nn.verify import seeded_subset
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+__all__ = ["Profile", "PlanItem", "load_profile", "list_profiles", "plan", "build", "BuildStats"]
+
+
+class ProfileError(ValueError):
+    """A profile file is missing or names something bd4nn does not know."""
+
+
+@dataclass
+class Profile:
+    name: str
+    datasets: list[str]
+    archs: list[str]
+    attacks: list[str]
+    levels: list[str]
+    description: str = ""
+    seed: int = 0
+    target: int = 0
+    width: float = 1.0
+    train_subset: int | None = None  # None = the whole training set
+    test_subset: int | None = None  # None = the whole test set
+    rc_images: int = 500
+    candidates: dict[str, list[int]] | None = None  # per level; None/absent = all windows
+    benign: dict[str, Any] = field(default_factory=dict)  # TrainConfig overrides
+    recipe: dict[str, Any] = field(default_factory=dict)  # InjectionRecipe overrides
+    attack: dict[str, dict[str, Any]] = field(default_factory=dict)  # per-attack settings
+    source: str = ""
+
+    def candidate_indices(self, level: str) -> list[int]:
+        if self.candidates and level in self.candidates:
+            return list(self.candidates[level])
+        return list(range(LEVELS[level].count))
+
+    def injection_recipe(self) -> InjectionRecipe:
+        return InjectionRecipe(**self.recipe)
+
+    def validate(self) -> "Profile":
+        where = self.source or self.name
+        known = {"archs": list_models(), "attacks": list_attacks(), "levels": list(LEVELS)}
+        for key, options in known.items():
+            bad = [v for v in getattr(self, key) if v not in options]
+            if bad:
+                raise ProfileError(f"{where}: unknown {key} {bad}; known: {', '.join(options)}")
+        for level, idx in (self.candidates or {}).items():
+            if level not in LEVELS or any(not 0 <= i < LEVELS[level].count for i in idx):
+                raise ProfileError(f"{where}: bad candidates for level {level!r}: {idx}")
+        try:
+            self.injection_recipe()
+        except TypeError as exc:
+            raise ProfileError(f"{where}: [recipe]: {exc}") from None
+        for name, settings in self.attack.items():
+            try:
+                attack_class(name)(**settings)
+            except (KeyError, ValueError) as exc:
+                raise ProfileError(f"{where}: [attack.{name}]: {exc}") from None
+        return self
+
+
+def list_profiles() -> list[str]:
+    folder = resources.files("bd4nn") / "profiles"
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".toml"))
+
+
+def load_profile(name_or_path: str | os.PathLike) -> Profile:
+    """A built-in profile by name (``tiny``, ``paper``) or a TOML file by path."""
+    path = Path(name_or_path)
+    if path.suffix == ".toml" or path.exists():
+        if not path.is_file():
+            raise ProfileError(f"profile file {path} does not exist")
+        text, source = path.read_text(), str(path)
+    else:
+        res = resources.files("bd4nn") / "profiles" / f"{name_or_path}.toml"
+        if not res.is_file():
+            raise ProfileError(
+                f"unknown profile {name_or_path!r}; built-in profiles: {', '.join(list_profiles())} "
+                "(or give the path of a .toml file)"
+            )
+        text, source = res.read_text(), f"profile {name_or_path}"
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ProfileError(f"{source}: {exc}") from None
+    names = {f.name for f in fields(Profile)}
+    unknown = set(raw) - names
+    if unknown:
+        raise ProfileError(f"{source}: unknown keys {sorted(unknown)}")
+    try:
+        profile = Profile(**raw, source=source)
+    except TypeError as exc:
+        raise ProfileError(f"{source}: {exc}") from None
+    return profile.validate()
+
+
+@dataclass(frozen=True)
+class PlanItem:
+    id: str
+    dataset: str
+    arch: str
+    attack: str
+    level: str
+    candidate: int
+
+
+def entry_id(dataset: str, arch: str, attack: str, level: str, candidate: int) -> str:
+    return f"{dataset}-{arch}-{attack}-{level}-{candidate:02d}"
+
+
+def plan(
+    profile: Profile,
+    *,
+    datasets: Sequence[str] | None = None,
+    archs: Sequence[str] | None = None,
+    attacks: Sequence[str] | None = None,
+    levels: Sequence[str] | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> list[PlanItem]:
+    """Every candidate of the profile (narrowed by the filters), in a fixed order; a shard
+    ``(i, n)`` keeps items ``i, i+n, i+2n, ...``."""
+    i, n = shard
+    if not (n >= 1 and 0 <= i < n):
+        raise ValueError(f"shard must be I/N with 0 <= I < N, got {i}/{n}")
+
+    def pick(values: Sequence[str], wanted: Sequence[str] | None, what: str) -> list[str]:
+        if not wanted:
+            return list(values)
+        bad = [w for w in wanted if w not in values]
+        if bad:
+            raise ProfileError(f"{what} {bad} not in profile {profile.name} ({', '.join(values)})")
+        return [v for v in values if v in wanted]
+
+    items = [
+        PlanItem(entry_id(d, a, k, lv, c), d, a, k, lv, c)
+        for d in pick(profile.datasets, datasets, "datasets")
+        for a in pick(profile.archs, archs, "archs")
+        for k in pick(profile.attacks, attacks, "attacks")
+        for lv in pick(profile.levels, levels, "levels")
+        for c in profile.candidate_indices(lv)
+    ]
+    return items[i::n]
+
+
+# ------------------------------------------------------------------------------ the build
+
+
+@dataclass
+class BuildStats:
+    planned: int = 0
+    skipped: int = 0  # already in the index
+    built: int = 0
+    kept: int = 0
+    rejected: int = 0
+    seconds: float = 0.0
+    candidate_seconds: list[float] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("candidate_seconds")
+        d["mean_candidate_seconds"] = (
+            sum(self.candidate_seconds) / len(self.candidate_seconds) if self.candidate_seconds else None
+        )
+        return d
+
+
+@contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def ensure_benign(
+    db: Database,
+    profile: Profile,
+    dataset: str,
+    arch: str,
+    data: ImageData,
+    train_xy: tuple[torch.Tensor, torch.Tensor],
+    test_xy: tuple[torch.Tensor, torch.Tensor],
+    *,
+    device: torch.device,
+    progress: bool,
+):
+    """The benign parent from the database, or trained now (once, under a lock) and stored."""
+    with _file_lock(db.root / dataset / arch / "benign.lock"):
+        if db.has_benign(dataset, arch):
+            return db.load_benign(dataset, arch)
+        cfg = benign_recipe(arch, seed=profile.seed, **profile.benign)
+        model = get_model(arch, data.num_classes, profile.width, mean=data.spec.mean, std=data.spec.std,
+                          seed=profile.seed)
+        res = train(model, *train_xy, cfg, device=device, progress=progress, desc=f"benign {arch}")
+        ca = evaluate_ca(model, *test_xy, device=device)
+        record = BenignRecord(
+            dataset=dataset, arch=arch, width=profile.width, num_classes=data.num_classes,
+            mean=list(data.spec.mean), std=list(data.spec.std), seed=profile.seed, ca=ca,
+            config={"train": cfg.to_dict(), "train_images": int(len(train_xy[1])),
+                    "test_images": int(len(test_xy[1])), "seconds": res.seconds, "profile": profile.name},
+        )
+        db.save_benign(model.cpu(), record)
+        return db.load_benign(dataset, arch)
+
+
+def build(
+    db_root: str | os.PathLike,
+    profile: Profile,
+    *,
+    datasets: Sequence[str] | None = None,
+    archs: Sequence[str] | None = None,
+    attacks: Sequence[str] | None = None,
+    levels: Sequence[str] | None = None,
+    shard: tuple[int, int] = (0, 1),
+    device: str | torch.device | None = None,
+    data_root: str | os.PathLike | None = None,
+    data: dict[str, ImageData] | None = None,
+    progress: bool = True,
+    limit: int | None = None,
+) -> BuildStats:
+    """Build (or resume) the database at ``db_root`` for ``profile``.
+
+    ``data`` may supply preloaded datasets by name (tests use synthetic ones); otherwise they
+    are loaded from ``data_root`` / ``BD4NN_DATA`` / torchvision. ``limit`` stops after that
+    many newly built candidates (for tests of interruption).
+    """
+    t_start = time.perf_counter()
+    dev = resolve_device(device)
+    db = Database(db_root)
+    items = plan(profile, datasets=datasets, archs=archs, attacks=attacks, levels=levels, shard=shard)
+    stats = BuildStats(planned=len(items))
+    todo = [it for it in items if not db.has_entry(it.id)]
+    stats.skipped = len(items) - len(todo)
+    recipe = profile.injection_recipe()
+    bar = tqdm(total=len(items), initial=stats.skipped, desc=f"build {profile.name}", unit="cand",
+               disable=not progress, dynamic_ncols=True)
+    try:
+        groups: dict[tuple[str, str], list[PlanItem]] = {}
+        for it in todo:
+            groups.setdefault((it.dataset, it.arch), []).append(it)
+        for (dataset, arch), group in groups.items():
+            ds = (data or {}).get(dataset) or load_dataset(dataset, data_root, progress=progress)
+            train_xy = seeded_subset(ds.train_x, ds.train_y, profile.train_subset, profile.seed)
+            test_xy = seeded_subset(ds.test_x, ds.test_y, profile.test_subset, profile.seed + 1)
+            parent, record = ensure_benign(db, profile, dataset, arch, ds, train_xy, test_xy,
+                                           device=dev, progress=progress)
+            parent = parent.to(dev).eval()
+            ranking, _ = rank_by_contribution(parent, NeuronMap(parent), *train_xy, profile.target,
+                                              device=dev)
+            parent_state = {k: v.detach().cpu().clone() for k, v in parent.state_dict().items()}
+            for it in group:
+                if limit is not None and stats.built >= limit:
+                    return stats
+                attack = get_attack(it.attack, target=profile.target, seed=profile.seed,
+                                    **profile.attack.get(it.attack, {}))
+                sel = candidate_selection(ranking, it.level, it.candidate)
+                out = run_candidate(parent, attack, sel, recipe, *train_xy, *test_xy, device=dev,
+                                    rc_images=profile.rc_images)
+                m = out.measurement
+                label = DefectLabel(
+                    id=it.id, dataset=dataset, arch=arch, width=profile.width, attack=it.attack,
+                    level=it.level, candidate=it.candidate, kept=out.kept, s_fault=out.selection,
+                    rc=out.rc, trigger=attack.spec(), target=profile.target, seed=profile.seed,
+                    recipe={**recipe.to_dict(), "profile": profile.name} if attack.kind == "poisoning"
+                    else {"profile": profile.name},
+                    ca=m.ca, asr=m.asr, asr_cor=m.asr_cor, ca_cor=m.ca_cor, asr_cor_r=m.asr_cor_r,
+                    ca_cor_r=m.ca_cor_r, benign_ca=record.ca, seconds=out.seconds,
+                    extra={**out.details, "ca_masked": m.ca_masked, "asr_masked": m.asr_masked,
+                           "candidate_selection": sel, "train_images": int(len(train_xy[1])),
+                           "test_images": int(len(test_xy[1])), "device": str(dev)},
+                )
+                db.save_entry(label, out.model.cpu() if out.kept else None, parent_state,
+                              out.trigger.tensors())
+                stats.built += 1
+                stats.kept += int(out.kept)
+                stats.rejected += int(not out.kept)
+                stats.candidate_seconds.append(out.seconds)
+                bar.update(1)
+                bar.set_postfix(kept=stats.kept, rejected=stats.rejected, last=f"{out.seconds:.1f}s")
+    finally:
+        bar.close()
+        stats.seconds = time.perf_counter() - t_start
+    return stats
