@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from bd4nn.attacks import InjectionRecipe, attack_class, get_attack, list_attacks
 from bd4nn.data import ImageData, load_dataset
-from bd4nn.db import BenignRecord, Database, DefectLabel
+from bd4nn.db import BenignRecord, Database, DefectLabel, entry_id
 from bd4nn.inject import LEVELS, candidate_selection, rank_by_contribution, run_candidate
 from bd4nn.models import get_model, list_models
 from bd4nn.neurons import NeuronMap
@@ -146,10 +146,6 @@ class PlanItem:
     attack: str
     level: str
     candidate: int
-
-
-def entry_id(dataset: str, arch: str, attack: str, level: str, candidate: int) -> str:
-    return f"{dataset}-{arch}-{attack}-{level}-{candidate:02d}"
 
 
 def plan(

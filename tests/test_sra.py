@@ -16,6 +16,7 @@ from bd4nn.dataflow import DataflowError, analyze, residual_groups, sources
 from bd4nn.models import get_model
 from bd4nn.neurons import NeuronMap, SelectionError
 from bd4nn.train import TrainConfig, evaluate_asr, evaluate_ca, train
+from synthetic import colour_data
 
 TARGET = 0
 
@@ -55,16 +56,6 @@ RESNET18_GROUPS = [
     ["layer3.0.conv2", "layer3.0.shortcut.0", "layer3.1.conv2"],
     ["layer4.0.conv2", "layer4.0.shortcut.0", "layer4.1.conv2"],
 ]
-
-
-def colour_data(n: int, seed: int = 0):
-    """Two separable classes (reddish vs bluish noise), uint8, labels in a 10-class label space."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.randint(0, 120, (n, 3, 32, 32), generator=g)
-    x[y == 0, 0] += 120
-    x[y == 1, 2] += 120
-    return x.to(torch.uint8), y
 
 
 # ------------------------------------------------------------------------------ dataflow

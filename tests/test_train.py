@@ -7,16 +7,7 @@ import torch.nn.functional as F
 from bd4nn.models import get_model
 from bd4nn.neurons import NeuronMap
 from bd4nn.train import SCHEDULES, TrainConfig, augment, evaluate_asr, evaluate_ca, predict, train
-
-
-def colour_data(n: int, seed: int = 0):
-    """Two separable classes: reddish vs bluish noisy images (uint8)."""
-    g = torch.Generator().manual_seed(seed)
-    y = torch.randint(0, 2, (n,), generator=g)
-    x = torch.randint(0, 120, (n, 3, 32, 32), generator=g)
-    x[y == 0, 0] += 120
-    x[y == 1, 2] += 120
-    return x.to(torch.uint8), y
+from synthetic import colour_data
 
 
 TINY = TrainConfig(epochs=2, batch_size=32, lr=0.05, seed=0)

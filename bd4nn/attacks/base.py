@@ -15,6 +15,7 @@ only the given selection (plus the head) carries the backdoor, and returns what 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar
@@ -202,8 +203,6 @@ class PoisoningAttack(Attack):
     kind = "poisoning"
 
     def inject(self, model, neuron_map, selection, trigger, x, y, recipe, *, device, progress=False):
-        import time
-
         sel = neuron_map.validate(selection)
         poisoned = poison_indices(y, recipe.poison_rate, self.target, self.seed)
         hook = poison_hook(poisoned, len(y), trigger, self.target, torch.device(device))
