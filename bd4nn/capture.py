@@ -22,18 +22,22 @@ __all__ = ["frozen", "capture"]
 
 @contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and ``requires_grad=False`` on every parameter inside the block."""
-    was_training = model.training
-    req = {p: p.requires_grad for p in model.parameters()}
-    model.eval()
-    for p in req:
-        p.requires_grad_(False)
+    """Eval mode and ``requires_grad=False`` on every parameter inside the block; on exit each
+    module gets back its own ``training`` flag (a model in mixed modes stays mixed) and each
+    parameter its ``requires_grad``."""
+    modes = [(m, m.training) for m in model.modules()]
+    req = [(p, p.requires_grad) for p in model.parameters()]
     try:
+        for m, _ in modes:
+            m.training = False
+        for p, _ in req:
+            p.requires_grad_(False)
         yield model
     finally:
-        for p, r in req.items():
+        for p, r in req:
             p.requires_grad_(r)
-        model.train(was_training)
+        for m, t in modes:
+            m.training = t
 
 
 @contextmanager

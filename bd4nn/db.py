@@ -664,6 +664,10 @@ class Database:
             ) from None
         return model.eval()
 
+    def benign_record(self, dataset: str, arch: str, *, verify: bool = True) -> BenignRecord:
+        """The benign parent's record (CA, seed, config) without reading its weights."""
+        return self._read_benign_record(dataset, arch, verify=verify)[0]
+
     def load_benign(self, dataset: str, arch: str, *, verify: bool = True) -> tuple[nn.Module, BenignRecord]:
         """The benign parent (eval mode, CPU) and its record; hashes checked unless ``verify=False``."""
         record, weights, _ = self._read_benign_record(dataset, arch, verify=verify)

@@ -63,6 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bd4nn.capture import frozen
 from bd4nn.neurons import NeuronMap
 from bd4nn.train import augment as _augment
 from localizers.base import CleanData, Localizer, LocalizerError, register_localizer
@@ -75,26 +76,17 @@ __all__ = ["ANP", "NoisyBN", "anp_masks"]
 def _anp_mode(model: nn.Module, train_bn: bool):
     """Eval mode and frozen parameters; BatchNorm modules in batch-statistics mode without
     running-stat updates when ``train_bn``. Restores every flag on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    req = [(p, p.requires_grad) for p in model.parameters()]
     bns = [(m, m.track_running_stats) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    try:
-        for m, _ in modes:
-            m.training = False
-        for p, _ in req:
-            p.requires_grad_(False)
-        if train_bn:
-            for m, _ in bns:
-                m.training = True
-                m.track_running_stats = False
-        yield
-    finally:
-        for m, t in bns:
-            m.track_running_stats = t
-        for p, r in req:
-            p.requires_grad_(r)
-        for m, t in modes:
-            m.training = t
+    with frozen(model):
+        try:
+            if train_bn:
+                for m, _ in bns:
+                    m.training = True
+                    m.track_running_stats = False
+            yield
+        finally:
+            for m, t in bns:
+                m.track_running_stats = t
 
 
 class NoisyBN:

@@ -69,7 +69,6 @@ CPU, where everything is exact fp32 (or the model's own dtype) and deterministic
 from __future__ import annotations
 
 import copy
-import math
 import operator
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
@@ -80,6 +79,7 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
+from bd4nn.capture import frozen
 from bd4nn.neurons import NeuronMap
 from localizers.base import Localizer, LocalizerError, register_localizer
 
@@ -361,24 +361,6 @@ class _HookRunner:
 
 # ------------------------------------------------------------------------- driver
 @contextmanager
-def _frozen_eval(model: nn.Module):
-    """Eval mode and no autograd on parameters; each module's own mode restored on exit."""
-    modes = [(mod, mod.training) for mod in model.modules()]
-    req = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for mod, _ in modes:
-            mod.training = False
-        for p, _ in req:
-            p.requires_grad_(False)
-        yield model
-    finally:
-        for p, r in req:
-            p.requires_grad_(r)
-        for mod, t in modes:
-            mod.training = t
-
-
-@contextmanager
 def _precision(dev: torch.device, tf32: bool):
     if dev.type != "cuda":
         yield
@@ -643,7 +625,7 @@ class DeepMufl(Localizer):
         x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
         y = clean.y[idx].to(dev)
         cuda = dev.type == "cuda"
-        with _frozen_eval(model):
+        with frozen(model):
             result = mutant_counts(
                 model, neuron_map, x, y, self.layers(neuron_map),
                 batch_size=s.batch_size, max_rows=s.max_rows,

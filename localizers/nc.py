@@ -78,7 +78,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,7 +86,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bd4nn.capture import capture
+from bd4nn.capture import capture, frozen
 from bd4nn.neurons import NeuronMap
 from bd4nn.train import augment as _augment
 from localizers.base import CleanData, Localizer, LocalizerError, register_localizer
@@ -117,25 +117,6 @@ def working_copy(model: nn.Module, neuron_map: NeuronMap, device: torch.device |
         return model, neuron_map, dev
     work = copy.deepcopy(model).to(dev)
     return work, NeuronMap(work), dev
-
-
-@contextmanager
-def frozen_eval(model: nn.Module):
-    """Every module in eval mode and every parameter out of autograd inside the block; each
-    module's own ``training`` flag and each parameter's ``requires_grad`` restored on exit."""
-    modes = [(m, m.training) for m in model.modules()]
-    req = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for m, _ in modes:
-            m.training = False
-        for p, _ in req:
-            p.requires_grad_(False)
-        yield model
-    finally:
-        for p, r in req:
-            p.requires_grad_(r)
-        for m, t in modes:
-            m.training = t
 
 
 def _autocast(dev: torch.device, amp: bool):
@@ -304,7 +285,6 @@ def reverse_engineer(
     else:
         raise LocalizerError(f"nc: init must be 'random' or 'ones', not {s.init!r}")
     sel = torch.tensor(cls, device=dev)
-    k_all = len(cls)
     theta_m = _from_unit(m0[sel], eps)
     theta_p = _from_unit(p0[sel], eps)
     adam = {name: torch.zeros_like(t) for name, t in
@@ -317,7 +297,7 @@ def reverse_engineer(
     history: list[dict] = []
     bs = max(1, int(s.batch_size))
 
-    with frozen_eval(model):
+    with frozen(model):
         for _epoch in range(int(s.epochs)):
             active = [i for i, sc in enumerate(sched) if not sc.stopped]
             if not active:
@@ -431,7 +411,7 @@ def activation_gap(
     size = neuron_map.sizes[layer]
     sums = torch.zeros(2, size, dtype=torch.float64, device=dev)
     count = 0
-    with frozen_eval(model), capture(neuron_map, [layer]) as acts:
+    with frozen(model), capture(neuron_map, [layer]) as acts:
         for i in range(0, len(clean), batch_size):
             xb = clean.float_batch(i, min(i + batch_size, len(clean)), dev)
             for j, xin in enumerate((xb, (1 - m) * xb + m * p)):
