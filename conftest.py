@@ -61,6 +61,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--time-slack", type=float, default=2.0, help="seconds added to the allowed time")
     g.addoption("--bench-seed", type=int, default=0, help="seed given to every localizer and repair")
     g.addoption("--device", default=None, help="device for serial runs (default: cuda if available)")
+    g.addoption("--threads", type=int, default=None, help="torch threads per process (default: "
+                "$BD4NN_THREADS, else the cores divided by the number of xdist workers)")
 
 
 def _is_worker(config: pytest.Config) -> bool:

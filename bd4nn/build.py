@@ -39,6 +39,7 @@ from bd4nn.db import BenignRecord, Database, DefectLabel, entry_id
 from bd4nn.inject import LEVELS, candidate_selection, rank_by_contribution, run_candidate
 from bd4nn.models import get_model, list_models
 from bd4nn.neurons import NeuronMap
+from bd4nn.runtime import place
 from bd4nn.train import benign_recipe, evaluate_ca, resolve_device, train
 from bd4nn.verify import seeded_subset
 
@@ -83,8 +84,15 @@ class Profile:
             return list(self.candidates[level])
         return list(range(LEVELS[level].count))
 
-    def injection_recipe(self) -> InjectionRecipe:
-        return InjectionRecipe(**self.recipe)
+    def benign_overrides(self, arch: str) -> dict[str, Any]:
+        """``[benign]`` settings for ``arch``: the table's plain keys, then its ``[benign.<arch>]``
+        sub-table on top (e.g. more epochs for one architecture)."""
+        return _per_arch(self.benign, arch)
+
+    def injection_recipe(self, arch: str | None = None) -> InjectionRecipe:
+        """The ``[recipe]`` for ``arch`` (its ``[recipe.<arch>]`` sub-table on top of the plain
+        keys); one recipe per (dataset, arch, attack) directory, as METHODS.md §2 requires."""
+        return InjectionRecipe(**_per_arch(self.recipe, arch))
 
     def validate(self) -> "Profile":
         where = self.source or self.name
@@ -96,16 +104,32 @@ class Profile:
         for level, idx in (self.candidates or {}).items():
             if level not in LEVELS or any(not 0 <= i < LEVELS[level].count for i in idx):
                 raise ProfileError(f"{where}: bad candidates for level {level!r}: {idx}")
-        try:
-            self.injection_recipe()
-        except TypeError as exc:
-            raise ProfileError(f"{where}: [recipe]: {exc}") from None
+        for table in ("benign", "recipe"):
+            unknown = [k for k, v in getattr(self, table).items() if isinstance(v, dict) and k not in list_models()]
+            if unknown:
+                raise ProfileError(f"{where}: [{table}.{unknown[0]}]: not an architecture "
+                                   f"({', '.join(list_models())})")
+        for arch in self.archs:
+            try:
+                benign_recipe(arch, **self.benign_overrides(arch))
+            except (KeyError, TypeError) as exc:
+                raise ProfileError(f"{where}: [benign]: {exc}") from None
+            try:
+                self.injection_recipe(arch)
+            except TypeError as exc:
+                raise ProfileError(f"{where}: [recipe]: {exc}") from None
         for name, settings in self.attack.items():
             try:
                 attack_class(name)(**settings)
             except (KeyError, ValueError) as exc:
                 raise ProfileError(f"{where}: [attack.{name}]: {exc}") from None
         return self
+
+
+def _per_arch(table: dict[str, Any], arch: str | None) -> dict[str, Any]:
+    """A profile table's plain keys, overridden by its sub-table named ``arch`` if any."""
+    base = {k: v for k, v in table.items() if not isinstance(v, dict)}
+    return {**base, **(table.get(arch, {}) if arch else {})}
 
 
 def list_profiles() -> list[str]:
@@ -237,7 +261,7 @@ def ensure_benign(
     with _file_lock(db.root / dataset / arch / "benign.lock"):
         if db.has_benign(dataset, arch):
             return db.load_benign(dataset, arch)
-        cfg = benign_recipe(arch, seed=profile.seed, **profile.benign)
+        cfg = benign_recipe(arch, seed=profile.seed, **profile.benign_overrides(arch))
         model = get_model(arch, data.num_classes, profile.width, mean=data.spec.mean, std=data.spec.std,
                           seed=profile.seed)
         res = train(model, *train_xy, cfg, device=device, progress=progress, desc=f"benign {arch}")
@@ -246,7 +270,8 @@ def ensure_benign(
             dataset=dataset, arch=arch, width=profile.width, num_classes=data.num_classes,
             mean=list(data.spec.mean), std=list(data.spec.std), seed=profile.seed, ca=ca,
             config={"train": cfg.to_dict(), "train_images": int(len(train_xy[1])),
-                    "test_images": int(len(test_xy[1])), "seconds": res.seconds, "profile": profile.name},
+                    "test_images": int(len(test_xy[1])), "seconds": res.seconds, "profile": profile.name,
+                    "device": str(device), "threads": torch.get_num_threads()},
         )
         db.save_benign(model.cpu(), record)
         return db.load_benign(dataset, arch)
@@ -280,7 +305,6 @@ def build(
     stats = BuildStats(planned=len(items))
     todo = [it for it in items if not db.has_entry(it.id)]
     stats.skipped = len(items) - len(todo)
-    recipe = profile.injection_recipe()
     bar = tqdm(total=len(items), initial=stats.skipped, desc=f"build {profile.name}", unit="cand",
                disable=not progress, dynamic_ncols=True)
     try:
@@ -293,10 +317,11 @@ def build(
             test_xy = seeded_subset(ds.test_x, ds.test_y, profile.test_subset, profile.seed + 1)
             parent, record = ensure_benign(db, profile, dataset, arch, ds, train_xy, test_xy,
                                            device=dev, progress=progress)
-            parent = parent.to(dev).eval()
+            parent = place(parent, dev).eval()
             ranking, _ = rank_by_contribution(parent, NeuronMap(parent), *train_xy, profile.target,
                                               device=dev)
             parent_state = {k: v.detach().cpu().clone() for k, v in parent.state_dict().items()}
+            recipe = profile.injection_recipe(arch)
             for it in group:
                 if limit is not None and stats.built >= limit:
                     return stats
@@ -316,7 +341,8 @@ def build(
                     ca_cor_r=m.ca_cor_r, benign_ca=record.ca, seconds=out.seconds,
                     extra={**out.details, "ca_masked": m.ca_masked, "asr_masked": m.asr_masked,
                            "candidate_selection": sel, "train_images": int(len(train_xy[1])),
-                           "test_images": int(len(test_xy[1])), "device": str(dev)},
+                           "test_images": int(len(test_xy[1])), "device": str(dev),
+                           "threads": torch.get_num_threads()},
                 )
                 db.save_entry(label, out.model.cpu() if out.kept else None, parent_state,
                               out.trigger.tensors())

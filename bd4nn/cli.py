@@ -196,32 +196,42 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("info", "per directory and level: kept/rejected, mean CA / ASR / ASR.Cor, storage", _db_args)
+@command("info", "per directory and level: kept/rejected, mean CA / ASR / ASR.Cor against the benign parent, "
+                 "storage", _db_args)
 def _info(args: argparse.Namespace) -> int:
-    from statistics import mean
-
     from tabulate import tabulate
 
     from bd4nn.db import Database
+    from bd4nn.results import database_summary
 
     db = Database(args.db)
     lines = db.entries(kept=None)
     if not lines:
         print(f"{args.db}: no entries")
         return 0
-    rows = _summary_rows(lines, by_level=True)
-    ratio: dict[tuple, str] = {}
-    for key in {tuple(r[:4]) for r in rows}:
-        kept = [g for g in lines if g["kept"] and (g["dataset"], g["arch"], g["attack"], g["level"]) == key]
-        if kept:
-            ratio[key] = f"{100 * mean(g['bytes'] / g['full_bytes'] for g in kept):.2f}"
-    for r in rows:
-        r.append(ratio.get(tuple(r[:4]), ""))
-    print(tabulate(rows, headers=["dataset", "arch", "attack", "level", "kept", "rejected", "CA %", "ASR %",
-                                  "ASR.Cor", "size % of full"]))
+    rows, parents = database_summary(db)
+    if parents:
+        print(tabulate([[p["dataset"], p["arch"], f"{p['width']:g}", f"{100 * p['ca']:.2f}", p["epochs"],
+                         p["train_images"], p["test_images"], _secs(p["seconds"])] for p in parents],
+                       headers=["dataset", "arch", "width", "benign CA %", "epochs", "train images",
+                                "test images", "train time"]))
+        print()
+    pct = lambda v: "" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    print(tabulate([[d["dataset"], d["arch"], d["attack"], d["level"], d["kept"], d["rejected"], pct(d["mean_ca"]),
+                     "" if d["ca_drop"] is None else f"{100 * d['ca_drop']:.1f}", pct(d["mean_asr"]),
+                     "" if d["mean_asr_cor"] is None else f"{d['mean_asr_cor']:.3f}",
+                     "" if d["size"] is None else f"{100 * d['size']:.2f}"] for d in rows],
+                   headers=["dataset", "arch", "attack", "level", "kept", "rejected", "CA %", "CA drop pts",
+                            "ASR %", "ASR.Cor", "size % of full"]))
     kept = [g for g in lines if g["kept"]]
-    print(f"\n{len(kept)} kept of {len(lines)} candidates")
+    print(f"\n{len(kept)} kept of {len(lines)} candidates; means over kept entries; CA drop = benign CA - CA")
     return 0
+
+
+def _secs(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
@@ -403,6 +413,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (SelectionError, FileNotFoundError, DatasetError, DatabaseError, LocalizerError)
 
 
+PASS_THROUGH = ("bench", "report")  # commands whose arguments go to pytest / python -m reports
+
+
 def build_parser() -> argparse.ArgumentParser:
     from bd4nn import __version__
 
@@ -415,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     for name, cmd in COMMANDS.items():
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         cmd.add_arguments(p)
+        if name not in PASS_THROUGH:  # bench/report hand their options to pytest/reports
+            p.add_argument("--threads", type=int, default=None, metavar="N",
+                           help="torch CPU threads (default: $BD4NN_THREADS, else every core)")
         p.set_defaults(_run=cmd.run)
     return parser
 
@@ -433,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command not in PASS_THROUGH:
+            from bd4nn.runtime import set_threads
+
+            set_threads(args.threads)
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("bd4nn: interrupted", file=sys.stderr)

@@ -14,7 +14,6 @@ data (and PFL gets ``S_fault`` as a setting, DESIGN.md).
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Mapping
@@ -30,6 +29,7 @@ from bd4nn.db import Database, DefectLabel
 from bd4nn.metrics import auroc, average_precision, flatten_scores, hits, selection_size, top_k_selection, wji
 from bd4nn.neurons import NeuronMap
 from bd4nn.repair import FinetuneSettings, RepairResult, repair
+from bd4nn.runtime import place
 from bd4nn.verify import seeded_subset
 
 __all__ = ["EntryContext", "Localization", "load_context", "localize", "repair_case", "make_localizer"]
@@ -83,7 +83,7 @@ def load_context(
         idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(clean_seed))[:clean_images]]
         idx = idx.sort().values
     tx, ty = seeded_subset(ds.test_x, ds.test_y, label.extra.get("test_images"), label.seed + 1)
-    model = model.to(dev).eval()
+    model = place(model, dev).eval()
     return EntryContext(entry_id, label, model, NeuronMap(model), StampTrigger.from_tensors(trig),
                         ds.train_x[idx], ds.train_y[idx], tx, ty, ds.num_classes, dev)
 
@@ -165,4 +165,4 @@ def model_unchanged(before: Mapping[str, torch.Tensor], model: nn.Module) -> boo
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().cpu().clone() for k, v in copy.deepcopy(model.state_dict()).items()}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}

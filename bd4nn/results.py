@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["SCHEMA", "header", "directory_lines", "case_key", "read", "Baseline", "save_baseline", "Regression"]
+__all__ = ["SCHEMA", "header", "directory_lines", "database_summary", "case_key", "read", "Baseline", "save_baseline", "Regression"]
 
 SCHEMA = 1
 
@@ -51,7 +51,7 @@ def git_hash(root: str | os.PathLike | None = None) -> str | None:
 
 
 def header(*, run: str, profile: str | None, db: str, options: Mapping[str, Any], workers: int,
-           root: str | os.PathLike | None = None) -> dict[str, Any]:
+           root: str | os.PathLike | None = None, threads: int | None = None) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     return {
         "kind": "header", "schema": SCHEMA, "run": run,
@@ -60,6 +60,7 @@ def header(*, run: str, profile: str | None, db: str, options: Mapping[str, Any]
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "gpus": torch.cuda.device_count() if cuda else 0, "python": platform.python_version(),
         "profile": profile, "db": str(db), "options": dict(options), "workers": workers,
+        "threads": threads if threads is not None else torch.get_num_threads(),  # torch threads per process
     }
 
 
@@ -86,6 +87,41 @@ def directory_lines(index_lines: Iterable[Mapping[str, Any]], benign_ca: Mapping
             "mean_asr_cor": _mean([ln.get("asr_cor") for ln in kept]),
         })
     return out
+
+
+def database_summary(db: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """What ``bd4nn info`` and the fidelity reports show of a ``bd4nn.db.Database``.
+
+    Returns ``(directories, parents)``: the ``directory_lines`` of its index, each with
+    ``ca_drop`` (benign CA − mean CA) and ``size`` (mean stored bytes / full checkpoint bytes
+    over kept entries) added; and one dict per benign parent (dataset, arch, width, CA, training
+    epochs, images, seconds). Levels in the paper's order (narrow, small, middle, large).
+    """
+    lines = db.entries(kept=None)
+    parents, benign = [], {}
+    for dataset, arch in sorted({(ln["dataset"], ln["arch"]) for ln in lines}):
+        try:
+            rec = db.benign_record(dataset, arch)
+        except Exception:  # noqa: BLE001 (a missing parent shows as blanks)
+            continue
+        benign[(dataset, arch)] = rec.ca
+        cfg = rec.config or {}
+        parents.append({"dataset": dataset, "arch": arch, "width": rec.width, "ca": rec.ca,
+                        "epochs": (cfg.get("train") or {}).get("epochs"), "train_images": cfg.get("train_images"),
+                        "test_images": cfg.get("test_images"), "seconds": cfg.get("seconds"),
+                        "threads": cfg.get("threads")})
+    from bd4nn.inject import LEVELS  # noqa: PLC0415 (the build's module; results stay light to import)
+
+    rank = {name: i for i, name in enumerate(LEVELS)}
+    dirs = sorted(directory_lines(lines, benign),
+                  key=lambda d: (d["dataset"], d["arch"], d["attack"], rank.get(d["level"], len(rank))))
+    for d in dirs:
+        key = (d["dataset"], d["arch"], d["attack"], d["level"])
+        kept = [ln for ln in lines if ln.get("kept") and (ln["dataset"], ln["arch"], ln["attack"], ln["level"]) == key]
+        d["ca_drop"] = (d["benign_ca"] - d["mean_ca"]) if d["benign_ca"] is not None and d["mean_ca"] is not None \
+            else None
+        d["size"] = _mean([ln["bytes"] / ln["full_bytes"] for ln in kept if ln.get("full_bytes")])
+    return dirs, parents
 
 
 def case_key(case: Mapping[str, Any]) -> str:

@@ -15,7 +15,8 @@ One loop serves both jobs (DESIGN.md):
 The whole training set lives on the device as uint8; augmentation (random crop with zero padding
 4, horizontal flip) runs on the device on each batch; an optional ``batch_hook`` runs after
 augmentation (the database issue stamps triggers there, so a patch is not moved by the crop).
-On CUDA the loop uses bf16 autocast and channels_last.
+On CUDA the loop uses bf16 autocast; on CUDA and on the CPU it runs channels_last
+(``bd4nn.runtime.use_channels_last``: faster on both).
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 from bd4nn.metrics import attack_success_rate, clean_accuracy
 from bd4nn.neurons import NeuronMap
+from bd4nn.runtime import use_channels_last
 
 __all__ = [
     "TrainConfig",
@@ -70,7 +72,7 @@ class TrainConfig:
     flip: bool = True
     seed: int = 0
     amp: bool | None = None  # bf16 autocast; None = on for CUDA
-    channels_last: bool | None = None  # None = on for CUDA
+    channels_last: bool | None = None  # None = bd4nn.runtime.use_channels_last (CUDA and CPU)
     drop_last: bool = True
 
     def to_dict(self) -> dict:
@@ -185,7 +187,13 @@ def _autocast(device: torch.device, amp: bool):
 
 
 class _Restriction:
-    """Which entries a restricted run may change, and the snapshot that restores the rest."""
+    """Which entries a restricted run may change, and the snapshot that restores the rest.
+
+    Selections are whole output channels, so the frozen part of every partially trainable tensor
+    (conv weight and bias, BN γ/β, BN running statistics) is a set of rows along dim 0: the
+    snapshot keeps only those rows, and ``restore`` writes them back in place with one
+    ``index_copy_`` per tensor (no per-step allocation of full-size masks or copies).
+    """
 
     def __init__(
         self,
@@ -195,44 +203,52 @@ class _Restriction:
         train_head: bool,
     ) -> None:
         sel = neuron_map.validate(selection)
-        self.param_masks: dict[str, torch.Tensor | None] = {}  # None = whole tensor trainable
-        self.buffer_masks: dict[str, torch.Tensor] = {}
+        self.frozen_rows: dict[str, torch.Tensor | None] = {}  # param name -> rows to restore; None = none
+        row_buffers: dict[str, torch.Tensor] = {}
         for layer, chans in sel.items():
             conv_name, bn_name = neuron_map.layer(layer).name, neuron_map.layer(layer).bn_name
             conv, bn = neuron_map.conv(layer), neuron_map.bn(layer)
-            ch = torch.zeros(conv.out_channels, dtype=torch.bool, device=conv.weight.device)
-            ch[chans] = True
-            self.param_masks[f"{conv_name}.weight"] = ch.view(-1, 1, 1, 1).expand_as(conv.weight)
+            keep = torch.ones(conv.out_channels, dtype=torch.bool)
+            keep[list(chans)] = False
+            rows = torch.nonzero(keep).flatten().to(conv.weight.device)
+            self.frozen_rows[f"{conv_name}.weight"] = rows
             if conv.bias is not None:
-                self.param_masks[f"{conv_name}.bias"] = ch
+                self.frozen_rows[f"{conv_name}.bias"] = rows
             if bn.weight is not None:
-                self.param_masks[f"{bn_name}.weight"] = ch
-                self.param_masks[f"{bn_name}.bias"] = ch
+                self.frozen_rows[f"{bn_name}.weight"] = rows
+                self.frozen_rows[f"{bn_name}.bias"] = rows
             if bn.running_mean is not None:
-                self.buffer_masks[f"{bn_name}.running_mean"] = ch
-                self.buffer_masks[f"{bn_name}.running_var"] = ch
+                row_buffers[f"{bn_name}.running_mean"] = rows
+                row_buffers[f"{bn_name}.running_var"] = rows
         if train_head:
             head = neuron_map.head_name
             if head is None:
                 raise ValueError("train_head=True but the model has no nn.Linear head")
             for pname, _ in neuron_map.head().named_parameters():
-                self.param_masks[f"{head}.{pname}"] = None
+                self.frozen_rows[f"{head}.{pname}"] = None
         self.params = dict(model.named_parameters())
-        self.buffers = dict(model.named_buffers())
-        # Parameters outside param_masks get requires_grad=False and are not in the optimizer,
-        # so they cannot change; partially trainable ones and every buffer are snapshotted.
-        self.snapshot = {
-            n: self.params[n].detach().clone() for n, m in self.param_masks.items() if m is not None
-        }
-        self.snapshot.update({f"buffer:{n}": b.detach().clone() for n, b in self.buffers.items()})
+        # Parameters outside frozen_rows get requires_grad=False and are not in the optimizer, so
+        # they cannot change. Partially trainable parameters keep a snapshot of their frozen rows;
+        # buffers are restored whole (BN statistics of the unselected rows, num_batches_tracked).
+        self._restore: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        for n, rows in self.frozen_rows.items():
+            if rows is not None and len(rows):
+                p = self.params[n]
+                self._restore.append((p, rows, p.detach()[rows].clone()))
+        for n, b in model.named_buffers():
+            rows = row_buffers.get(n)
+            if rows is None:
+                self._restore.append((b, None, b.detach().clone()))
+            elif len(rows):
+                self._restore.append((b, rows, b.detach()[rows].clone()))
 
     def trainable(self) -> list[nn.Parameter]:
-        return [self.params[n] for n in self.params if n in self.param_masks]
+        return [self.params[n] for n in self.params if n in self.frozen_rows]
 
     def set_requires_grad(self) -> dict[str, bool]:
         old = {n: p.requires_grad for n, p in self.params.items()}
         for n, p in self.params.items():
-            p.requires_grad_(n in self.param_masks)
+            p.requires_grad_(n in self.frozen_rows)
         return old
 
     def restore_requires_grad(self, old: dict[str, bool]) -> None:
@@ -240,22 +256,14 @@ class _Restriction:
             p.requires_grad_(old[n])
 
     @torch.no_grad()
-    def mask_grads(self) -> None:
-        for n, m in self.param_masks.items():
-            g = self.params[n].grad
-            if m is not None and g is not None:
-                g.mul_(m)
-
-    @torch.no_grad()
     def restore(self) -> None:
-        for n, m in self.param_masks.items():
-            if m is not None:  # None = fully trainable
-                p = self.params[n]
-                p.copy_(torch.where(m, p, self.snapshot[n]))
-        for n, b in self.buffers.items():
-            snap = self.snapshot[f"buffer:{n}"]
-            m = self.buffer_masks.get(n)
-            b.copy_(snap if m is None else torch.where(m, b, snap))
+        """Write every frozen entry back (after each optimizer step: weight decay, momentum and
+        train-mode BN move them; the trainable rows' updates do not depend on them)."""
+        for t, rows, snap in self._restore:
+            if rows is None:
+                t.copy_(snap)
+            else:
+                t.index_copy_(0, rows, snap)
 
 
 # ------------------------------------------------------------------------------ the loop
@@ -289,7 +297,7 @@ def train(
         raise ValueError(f"expected images (N,C,H,W) and N labels, got {tuple(x.shape)} and {tuple(y.shape)}")
     dev = resolve_device(device)
     amp = cfg.amp if cfg.amp is not None else dev.type == "cuda"
-    channels_last = cfg.channels_last if cfg.channels_last is not None else dev.type == "cuda"
+    channels_last = use_channels_last(dev, cfg.channels_last)
     model.to(dev)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -353,8 +361,6 @@ def train(
                     loss = F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
-                if restriction is not None:
-                    restriction.mask_grads()
                 opt.step()
                 sched.step()
                 if restriction is not None:
@@ -396,7 +402,7 @@ def predict(
     """Predicted labels (int64, CPU) of uint8 or [0,1]-float images, model in eval mode.
 
     ``transform`` maps a float [0,1] batch to another (e.g. a trigger). The model's own mode
-    is restored afterwards.
+    is restored afterwards; its memory format is left as it is (``bd4nn.runtime.place``).
     """
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
     use_amp = amp if amp is not None else dev.type == "cuda"

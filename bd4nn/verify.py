@@ -17,6 +17,7 @@ from bd4nn.data import load_dataset
 from bd4nn.db import Database
 from bd4nn.inject import measure
 from bd4nn.neurons import NeuronMap
+from bd4nn.runtime import place
 from bd4nn.train import resolve_device
 
 __all__ = ["seeded_subset", "remeasure_entry", "remeasure"]
@@ -40,7 +41,7 @@ def remeasure_entry(db: Database, entry_id: str, *, device=None, data_root=None,
     data = cache[label.dataset]
     k = label.extra.get("test_images")
     tx, ty = seeded_subset(data.test_x, data.test_y, k, label.seed + 1)
-    model = model.to(dev).eval()
+    model = place(model, dev).eval()
     m = measure(model, NeuronMap(model), label.s_fault, tx, ty, StampTrigger.from_tensors(trig), label.target,
                 device=dev)
     return label, m

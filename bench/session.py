@@ -22,8 +22,9 @@ import pytest
 import torch
 
 from bd4nn.build import Profile, build, load_profile
-from bd4nn.db import Database
+from bd4nn.db import Database, DatabaseError
 from bd4nn.results import Baseline, directory_lines, header
+from bd4nn.runtime import default_threads, set_threads
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_KEY = "bd4nn"
@@ -43,14 +44,15 @@ def data_root() -> str | None:
 
 
 def worker_device(config: pytest.Config) -> torch.device:
-    """``--device`` if given; under xdist ``cuda:(worker index mod count)``; else cuda:0 or CPU."""
+    """``--device`` if given; under xdist ``cuda:(worker index mod count)``; else cuda:0 or CPU.
+    Also sets this process's torch threads (``--threads``, else cores // workers)."""
     opt = config.getoption("--device")
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    # workers x threads <= cores, unless --threads / BD4NN_THREADS says otherwise (bd4nn.runtime)
+    set_threads(config.getoption("--threads"), workers=workers)
     if opt:
         return torch.device(opt)
     if not torch.cuda.is_available():
-        workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
-        if workers > 1:  # share the cores instead of oversubscribing them
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
         return torch.device("cpu")
     wid = getattr(config, "workerinput", {}).get("workerid", "gw0")
     index = int(wid[2:]) if wid.startswith("gw") and wid[2:].isdigit() else 0
@@ -181,10 +183,14 @@ class BenchSession:
 def _recorded_profile(db: Database) -> Profile | None:
     """The profile the database's entries were built with, if it is a known one."""
     for line in db.entries(kept=None)[:1]:
+        name = None
         try:
             name = db.load_label(line["id"]).recipe.get("profile")
             return load_profile(name) if name else None
-        except Exception:  # an unknown/custom profile: harness defaults
+        except Exception:  # an unknown/custom profile: harness defaults, said out loud
+            print(f"bd4nn: {db.root} was built with profile {name!r}, which is not a built-in one; the harness "
+                  "uses its default settings (pass --profile FILE.toml for the profile's [bench] budgets)",
+                  file=sys.stderr)
             return None
     return None
 
@@ -217,19 +223,21 @@ class Recorder:
         s.results_path.parent.mkdir(parents=True, exist_ok=True)
         self.fh = open(s.results_path, "w", buffering=1)
         workers = getattr(config.option, "numprocesses", None) or 0
+        workers = int(workers) if str(workers).isdigit() else 0
         opts = {k: config.getoption(k) for k in ("localizers", "entries", "repairs", "baseline", "bench_seed",
                                                   "keyword")}
         opts["localizer_settings"] = s.settings("localizers")
         head = header(run=s.results_path.stem, profile=s.profile.name if s.profile else None, db=str(s.db.root),
-                      options=opts, workers=int(workers) if str(workers).isdigit() else 0, root=ROOT)
+                      options=opts, workers=workers, root=ROOT,
+                      threads=config.getoption("--threads") or default_threads(max(1, workers)))
         self.fh.write(json.dumps(head) + "\n")
         benign = {}
         for line in s.db.entries(kept=None):
             key = (line["dataset"], line["arch"])
             if key not in benign:
                 try:
-                    benign[key] = s.db.load_benign(*key, verify=False)[1].ca
-                except Exception:
+                    benign[key] = s.db.benign_record(*key).ca
+                except DatabaseError:
                     benign[key] = None
         for d in directory_lines(s.db.entries(kept=None), benign):
             self.fh.write(json.dumps(d) + "\n")

@@ -74,7 +74,9 @@ def test_serial_and_xdist_runs_record_the_same_wji(tmp_path, data_dir):
     assert all(d["nodeid"].endswith(f"[{d['localizer']}-{d['entry']}]") for d in cases)
     assert all(d["wji"] == 1.0 for d in cases if d["localizer"] == "pfl")
     parallel = tmp_path / "parallel.jsonl"
-    r = _pytest(["--db", str(db), "-n", "2", "-k", "clp or slicer or pfl", "--results", str(parallel)], env)
+    # the same profile (its [bench] settings: 64 clean images) in both runs
+    r = _pytest(["--db", str(db), "--profile", str(profile), "-n", "2", "-k", "clp or slicer or pfl",
+                 "--results", str(parallel)], env)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert _wji(serial) == _wji(parallel)
     # -k selects by localizer name only

@@ -91,3 +91,50 @@ def test_interrupted_build_resumes_to_the_same_index(tmp_path):
         model, label, trig = db.load_entry(line["id"])
         assert set(label.s_fault) <= {n for n, _ in model.named_modules()}
     assert main(["info", str(tmp_path / "a")]) == 0
+    # the summary that `bd4nn info` and the fidelity reports print, recomputed from the labels
+    from bd4nn.results import database_summary
+
+    dirs, parents = database_summary(db)
+    rec = db.benign_record("cifar10", "vgg13")
+    assert [(p["arch"], p["ca"], p["epochs"], p["train_images"]) for p in parents] == [("vgg13", rec.ca, 2, 128)]
+    assert {(d["attack"], d["level"]) for d in dirs} == {(a, lv) for a in ("badnets", "blended")
+                                                         for lv in ("narrow", "large")}
+    for d in dirs:
+        labels = [db.load_label(ln["id"]) for ln in db.entries(kept=None, attack=d["attack"], level=d["level"])]
+        kept = [lab for lab in labels if lab.kept]
+        assert (d["kept"], d["rejected"]) == (len(kept), len(labels) - len(kept))
+        if kept:
+            assert d["ca_drop"] == pytest.approx(rec.ca - sum(lab.ca for lab in kept) / len(kept))
+        else:
+            assert d["ca_drop"] is None and d["size"] is None
+
+
+def test_benign_overrides_per_architecture_and_bad_keys():
+    prof = Profile(name="p", datasets=["cifar10"], archs=["vgg13", "resnet18"], attacks=["badnets"],
+                   levels=["narrow"], benign={"epochs": 30, "lr": 0.2, "resnet18": {"epochs": 20}}).validate()
+    assert prof.benign_overrides("vgg13") == {"epochs": 30, "lr": 0.2}
+    assert prof.benign_overrides("resnet18") == {"epochs": 20, "lr": 0.2}
+    with pytest.raises(ValueError, match=r"\[benign.resnet99\]"):
+        Profile(name="p", datasets=["cifar10"], archs=["vgg13"], attacks=["badnets"], levels=["narrow"],
+                benign={"resnet99": {"epochs": 1}}).validate()
+    with pytest.raises(ValueError, match=r"\[benign\]"):
+        Profile(name="p", datasets=["cifar10"], archs=["vgg13"], attacks=["badnets"], levels=["narrow"],
+                benign={"epoch": 3}).validate()
+
+
+def test_small_profile_keeps_the_paper_attack_recipe():
+    prof = load_profile("small")
+    assert prof.train_subset is None and prof.test_subset is None  # the full CIFAR-10 sets
+    assert set(prof.attacks) == {"badnets", "blended", "trojannn", "sra"} and len(prof.levels) == 4
+    # only the injection's epochs, lr and batch size may differ from the paper recipe
+    from bd4nn.attacks import InjectionRecipe, get_attack
+
+    paper, small = InjectionRecipe(), prof.injection_recipe()
+    for name in ("poison_rate", "augment", "train_head", "momentum", "weight_decay", "schedule"):
+        assert getattr(small, name) == getattr(paper, name), name
+    assert small.poison_rate == 0.1
+    assert get_attack("badnets", **prof.attack.get("badnets", {})).settings.patch_size == 3
+    assert get_attack("blended", **prof.attack.get("blended", {})).settings.alpha == 0.2
+    assert not prof.attack  # every attack at its defaults
+    for level in prof.levels:  # the first window and a middle one
+        assert prof.candidate_indices(level)[0] == 0 and len(prof.candidate_indices(level)) >= 2

@@ -1,0 +1,202 @@
+"""Build a profile's database, run the benchmark on it, and write one Markdown fidelity report.
+
+    python bench/fidelity_report.py --profile small --db ~/bd4nn-db/small --out docs/results/small-cpu.md
+    python bench/fidelity_report.py --profile small --db DB --out report.md --skip-bench   # database only
+    python bench/fidelity_report.py --profile small --db DB --out report.md -- -k "clp or slicer"
+
+Every number in the report is what these commands measured: the database part comes from the
+entries' labels and the benign parents' records (``bd4nn info``), the benchmark part from the
+results file of ``pytest bench/`` through ``reports`` (``python -m reports RESULTS --format md``).
+The header gives the exact command line, the git hash, the machine, and the wall times. The
+build and the benchmark resume: a database or results file that is already complete is not
+redone unless asked (``--rerun-bench``). Arguments after ``--`` go to pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+from bd4nn.build import build, load_profile, plan  # noqa: E402
+from bd4nn.db import Database  # noqa: E402
+from bd4nn.results import database_summary, git_hash  # noqa: E402
+from bd4nn.runtime import cpu_cores, set_threads  # noqa: E402
+
+
+def _machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {cpu_cores()} cores, {torch.get_num_threads()} torch threads, no GPU"
+
+
+def _minutes(seconds: float | None) -> str:
+    return "—" if seconds is None else (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min")
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "—" if v is None else f"{100 * v:.{digits}f}"
+
+
+def database_section(db: Database, profile, targets: dict) -> list[str]:
+    dirs, parents = database_summary(db)
+    lines = db.entries(kept=None)
+    out = ["## The database", ""]
+    out += ["### Benign parents", "",
+            tabulate([[p["dataset"], p["arch"], f"{p['width']:g}", _pct(p["ca"], 2), p["epochs"], p["train_images"],
+                       p["test_images"], _minutes(p["seconds"]), p["threads"]] for p in parents],
+                     headers=["dataset", "arch", "width", "benign CA %", "epochs", "train images", "test images",
+                              "train time", "threads"], tablefmt="github"), ""]
+    asr_t, drop_t = targets["asr"], targets["ca_drop"]
+    out += ["### Entries per attack and level (`bd4nn info`)", "",
+            f"Means over kept entries, full test set. Targets: ASR ≥ {100 * asr_t:.0f} % and CA within "
+            f"{100 * drop_t:.0f} points of the benign parent; rule 3 keeps an entry iff ASR.Cor > 0.5.", ""]
+    rows = []
+    for d in dirs:
+        ok = []
+        if d["mean_asr"] is not None:
+            ok.append("ASR" if d["mean_asr"] >= asr_t else "ASR ✗")
+        if d["ca_drop"] is not None:
+            ok.append("CA" if d["ca_drop"] <= drop_t else "CA ✗")
+        rows.append([d["arch"], d["attack"], d["level"], d["kept"], d["rejected"], _pct(d["mean_ca"]),
+                     _pct(d["ca_drop"]), _pct(d["mean_asr"]),
+                     "—" if d["mean_asr_cor"] is None else f"{d['mean_asr_cor']:.3f}", " ".join(ok) or "—"])
+    out += [tabulate(rows, headers=["arch", "attack", "level", "kept", "rejected", "CA %", "CA drop pts", "ASR %",
+                                    "ASR.Cor", "targets met"], tablefmt="github"), ""]
+    out += ["### Every candidate", "",
+            "One row per candidate (kept or rejected), as its label records it.", ""]
+    crow = []
+    for ln in lines:
+        lab = db.load_label(ln["id"])
+        rec = lab.recipe
+        crow.append([ln["id"], "kept" if ln["kept"] else "rejected", lab.n_fault, _pct(lab.ca), _pct(lab.asr),
+                     "—" if lab.asr_cor is None else f"{lab.asr_cor:.3f}",
+                     "—" if lab.ca_cor is None else f"{lab.ca_cor:.3f}",
+                     f"{rec.get('epochs')} ep, lr {rec.get('lr')}, bs {rec.get('batch_size')}" if "epochs" in rec
+                     else "chain (SRA)", _minutes(lab.seconds)])
+    out += [tabulate(crow, headers=["entry", "kept", "|S_fault|", "CA %", "ASR %", "ASR.Cor", "CA.Cor", "recipe",
+                                    "time"], tablefmt="github"), ""]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    pytest_args: list[str] = []
+    if "--" in argv:
+        cut = argv.index("--")
+        argv, pytest_args = argv[:cut], argv[cut + 1:]
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--profile", default="small", help="profile (default small)")
+    p.add_argument("--db", required=True, type=Path, help="database folder (built or resumed)")
+    p.add_argument("--out", required=True, type=Path, help="the Markdown report to write")
+    p.add_argument("--results", type=Path, help="results file (default: results/<profile>-report.jsonl)")
+    p.add_argument("--no-build", action="store_true",
+                   help="report on the database as it is (the header counts what the plan still misses)")
+    p.add_argument("--skip-bench", action="store_true", help="database sections only")
+    p.add_argument("--rerun-bench", action="store_true", help="run the benchmark even if the results file exists")
+    p.add_argument("--threads", type=int, help="torch threads (default: $BD4NN_THREADS, else every core)")
+    p.add_argument("--data", help="dataset archive folder (default: $BD4NN_DATA, else ../shared/data)")
+    p.add_argument("--asr-target", type=float, default=0.95)
+    p.add_argument("--ca-drop-target", type=float, default=0.08)
+    args = p.parse_args(argv)
+    command = "python bench/fidelity_report.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+    set_threads(args.threads)
+    profile = load_profile(args.profile)
+    data = args.data or os.environ.get("BD4NN_DATA") or str(ROOT.parent / "shared" / "data")
+    t0 = time.perf_counter()
+    built = 0
+    if not args.no_build:
+        built = build(args.db, profile, data_root=data, progress=True).built
+    build_wall = time.perf_counter() - t0
+    db = Database(args.db)
+    missing = [it.id for it in plan(profile) if not db.has_entry(it.id)]
+    labels = [db.load_label(ln["id"]) for ln in db.entries(kept=None)]
+    _, parents = database_summary(db)
+    recorded = sum(lab.seconds or 0 for lab in labels) + sum(p["seconds"] or 0 for p in parents)
+
+    results = args.results or ROOT / "results" / f"{profile.name}-report.jsonl"
+    bench_wall = None
+    if not args.skip_bench and (args.rerun_bench or not results.is_file()):
+        cmd = [sys.executable, "-m", "pytest", str(ROOT / "bench"), "-p", "no:cacheprovider", "-q",
+               "--benchmark-disable", "--db", str(args.db), "--profile", args.profile, "--results", str(results),
+               *(["--threads", str(args.threads)] if args.threads else []), *pytest_args]
+        print("fidelity_report:", shlex.join(cmd[2:]), flush=True)
+        t1 = time.perf_counter()
+        rc = subprocess.call(cmd, cwd=ROOT, env={**os.environ, "BD4NN_DATA": data})
+        bench_wall = time.perf_counter() - t1
+        if rc not in (0, 1):  # 1 = some case failed: still reported
+            print(f"fidelity_report: pytest exited {rc}", file=sys.stderr)
+            return rc
+
+    head = [f"# Fidelity report: the `{profile.name}` profile", "",
+            "Generated, not typed: every figure below is what these commands printed or recorded.", "",
+            "```bash", command, "```", "",
+            "which runs, in order:", "",
+            "```bash", *([] if args.no_build else [f"bd4nn build --db {args.db} --profile {args.profile}"]),
+            f"pytest bench/ --db {args.db} --profile {args.profile} --results {results} "
+            + " ".join(shlex.quote(a) for a in pytest_args),
+            f"python -m reports {results} --format md", "```", "",
+            f"- git: `{git_hash(ROOT)}`; torch {torch.__version__}; Python {platform.python_version()}",
+            f"- machine: {_machine()}",
+            f"- profile: {profile.description}",
+            f"- build: {len(labels)} candidates in the database, {sum(lab.kept for lab in labels)} kept"
+            + (f"; **{len(missing)} candidates of the profile's plan are not built yet** "
+               f"({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''})" if missing else "")
+            + (f"; this run built {built} in {_minutes(build_wall)} wall time" if not args.no_build else
+               " (this run built nothing: --no-build)")
+            + f"; the recorded compute of the database (benign training + every candidate, summed over "
+            f"processes) is {_minutes(recorded)}",
+            f"- benchmark: {'not run (--skip-bench)' if args.skip_bench else _minutes(bench_wall) + ' wall time' if bench_wall is not None else f'results reused from {results}'}",
+            f"- written {time.strftime('%Y-%m-%d %H:%M %Z')}", ""]
+    body = database_section(db, profile, {"asr": args.asr_target, "ca_drop": args.ca_drop_target})
+    if not args.skip_bench and results.is_file():
+        import reports
+
+        res = reports.load([results])
+        tables = reports.build_tables(res)
+        body += ["## The benchmark (`python -m reports`)", ""]
+        body += [f"Source: {line}" for line in res.provenance()] + [""]
+        settings = profile.bench
+        if settings:
+            body += ["Harness settings of the profile's `[bench]` table (published defaults elsewhere):", "",
+                     "```toml", *_toml_lines(settings), "```", ""]
+        for key in ("I", "II", "counts", "III", "IV", "V", "VI"):
+            body += [reports.render(tables[key], "md", provenance=False).rstrip(), ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(head + body) + "\n")
+    print(f"fidelity_report: wrote {args.out}")
+    return 0
+
+
+def _toml_lines(table: dict, prefix: str = "") -> list[str]:
+    plain = [f"{k} = {v!r}" for k, v in table.items() if not isinstance(v, dict)]
+    out = plain[:]
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out += [f"[{prefix}{k}]"] + _toml_lines(v, prefix=f"{prefix}{k}.")
+    return out
+
+
+if __name__ == "__main__":
+    sys.exit(main())
