@@ -109,7 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", default="small", help="profile (default small)")
     p.add_argument("--db", required=True, type=Path, help="database folder (built or resumed)")
     p.add_argument("--out", required=True, type=Path, help="the Markdown report to write")
-    p.add_argument("--results", type=Path, help="results file (default: results/<profile>-report.jsonl)")
+    p.add_argument("--results", type=Path, nargs="+",
+                   help="results file(s) (default: results/<profile>-report.jsonl); when every one exists "
+                        "the benchmark is not rerun and the report reads them all")
     p.add_argument("--no-build", action="store_true",
                    help="report on the database as it is (the header counts what the plan still misses)")
     p.add_argument("--skip-bench", action="store_true", help="database sections only")
@@ -135,8 +137,12 @@ def main(argv: list[str] | None = None) -> int:
     _, parents = database_summary(db)
     recorded = sum(lab.seconds or 0 for lab in labels) + sum(p["seconds"] or 0 for p in parents)
 
-    results = args.results or ROOT / "results" / f"{profile.name}-report.jsonl"
+    all_results = args.results or [ROOT / "results" / f"{profile.name}-report.jsonl"]
+    results = all_results[0]
+    if len(all_results) > 1 and not all(r.is_file() for r in all_results):
+        p.error("several --results files are read, never written: run the benchmark into each first")
     bench_wall = None
+    cmd: list[str] = []
     if not args.skip_bench and (args.rerun_bench or not results.is_file()):
         cmd = [sys.executable, "-m", "pytest", str(ROOT / "bench"), "-p", "no:cacheprovider", "-q",
                "--benchmark-disable", "--db", str(args.db), "--profile", args.profile, "--results", str(results),
@@ -154,9 +160,12 @@ def main(argv: list[str] | None = None) -> int:
             "```bash", command, "```", "",
             "which runs, in order:", "",
             "```bash", *([] if args.no_build else [f"bd4nn build --db {args.db} --profile {args.profile}"]),
-            f"pytest bench/ --db {args.db} --profile {args.profile} --results {results} "
-            + " ".join(shlex.quote(a) for a in pytest_args),
-            f"python -m reports {results} --format md", "```", "",
+            *([shlex.join(["pytest", *cmd[3:]])] if bench_wall is not None else []),
+            *([f"python -m reports {' '.join(str(r) for r in all_results)} --format md"] if not args.skip_bench else []),
+            "```", "",
+            *(["The benchmark results were reused, not rerun: each file's own header (run, git hash, threads, "
+               "`pytest bench/` options) is listed under \"The benchmark\".", ""]
+              if bench_wall is None and not args.skip_bench else []),
             f"- git: `{git_hash(ROOT)}`; torch {torch.__version__}; Python {platform.python_version()}",
             f"- machine: {_machine()}",
             f"- profile: {profile.description}",
@@ -167,16 +176,26 @@ def main(argv: list[str] | None = None) -> int:
                " (this run built nothing: --no-build)")
             + f"; the recorded compute of the database (benign training + every candidate, summed over "
             f"processes) is {_minutes(recorded)}",
-            f"- benchmark: {'not run (--skip-bench)' if args.skip_bench else _minutes(bench_wall) + ' wall time' if bench_wall is not None else f'results reused from {results}'}",
+            f"- benchmark: {'not run (--skip-bench)' if args.skip_bench else _minutes(bench_wall) + ' wall time' if bench_wall is not None else 'results reused from ' + ', '.join(str(r) for r in all_results)}",
             f"- written {time.strftime('%Y-%m-%d %H:%M %Z')}", ""]
     body = database_section(db, profile, {"asr": args.asr_target, "ca_drop": args.ca_drop_target})
-    if not args.skip_bench and results.is_file():
+    if not args.skip_bench and all(r.is_file() for r in all_results):
         import reports
 
-        res = reports.load([results])
+        from bd4nn.results import read
+
+        res = reports.load(all_results)
         tables = reports.build_tables(res)
-        body += ["## The benchmark (`python -m reports`)", ""]
-        body += [f"Source: {line}" for line in res.provenance()] + [""]
+        body += ["## The benchmark (`python -m reports " + " ".join(str(r) for r in all_results) + " --format md`)",
+                 ""]
+        for r in all_results:
+            head_line = next((ln for ln in read(r) if ln.get("kind") == "header"), {})
+            opts = {k: v for k, v in (head_line.get("options") or {}).items() if v not in (None, "", [], {})}
+            cases = sum(1 for ln in read(r) if ln.get("kind") == "case")
+            body.append(f"- `{r.name}`: run {head_line.get('run')}, git `{head_line.get('git')}`, "
+                        f"{head_line.get('threads')} threads x {max(1, head_line.get('workers') or 0)} process(es), "
+                        f"{cases} cases, options `{opts}`")
+        body.append("")
         settings = profile.bench
         if settings:
             body += ["Harness settings of the profile's `[bench]` table (published defaults elsewhere):", "",
