@@ -195,12 +195,15 @@ def main(argv: list[str] | None = None) -> int:
             body.append(f"- `{r.name}`: run {head_line.get('run')}, git `{head_line.get('git')}`, "
                         f"{head_line.get('threads')} threads x {max(1, head_line.get('workers') or 0)} process(es), "
                         f"{cases} cases, options `{opts}`")
-        body.append("")
+        body += ["", "Tables I–II here are means over the entries the benchmark ran on (the database "
+                 "section above covers every candidate).", ""]
         settings = profile.bench
         if settings:
             body += ["Harness settings of the profile's `[bench]` table (published defaults elsewhere):", "",
-                     "```toml", *_toml_lines(settings), "```", ""]
-        for key in ("I", "II", "counts", "III", "IV", "V", "VI"):
+                     "```toml", *_toml_lines(settings, prefix="bench."), "```", ""]
+        # the kept/rejected counts are the database section's (read from the database itself: a
+        # results file holds a snapshot of them, and several files would count them twice)
+        for key in ("I", "II", "III", "IV", "V", "VI"):
             body += [reports.render(tables[key], "md", provenance=False).rstrip(), ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(head + body) + "\n")
