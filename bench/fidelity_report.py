@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
                         "the benchmark is not rerun and the report reads them all")
     p.add_argument("--no-build", action="store_true",
                    help="report on the database as it is (the header counts what the plan still misses)")
+    p.add_argument("--built-with", action="append", default=[], metavar="COMMAND",
+                   help="with --no-build: a command that built the database (repeatable; shown in the header)")
     p.add_argument("--skip-bench", action="store_true", help="database sections only")
     p.add_argument("--rerun-bench", action="store_true", help="run the benchmark even if the results file exists")
     p.add_argument("--threads", type=int, help="torch threads (default: $BD4NN_THREADS, else every core)")
@@ -163,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
             *([shlex.join(["pytest", *cmd[3:]])] if bench_wall is not None else []),
             *([f"python -m reports {' '.join(str(r) for r in all_results)} --format md"] if not args.skip_bench else []),
             "```", "",
+            *(["The database was built beforehand by:", "", "```bash", *args.built_with, "```", ""]
+              if args.built_with else []),
             *(["The benchmark results were reused, not rerun: each file's own header (run, git hash, threads, "
                "`pytest bench/` options) is listed under \"The benchmark\".", ""]
               if bench_wall is None and not args.skip_bench else []),
