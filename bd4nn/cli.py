@@ -165,12 +165,13 @@ def _db_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("db", type=Path, help="database folder")
 
 
-def _summary_rows(lines: list[dict], by_level: bool) -> list[list]:
+def _summary_rows(lines: list[dict]) -> list[list]:
+    """Per (dataset, arch, attack): kept, rejected and mean CA / ASR / ASR.Cor of the kept."""
     from statistics import mean
 
     groups: dict[tuple, list[dict]] = {}
     for line in lines:
-        key = (line["dataset"], line["arch"], line["attack"]) + ((line["level"],) if by_level else ())
+        key = (line["dataset"], line["arch"], line["attack"])
         groups.setdefault(key, []).append(line)
     rows = []
     for key, group in sorted(groups.items()):
@@ -191,7 +192,7 @@ def _list(args: argparse.Namespace) -> int:
     if not lines:
         print(f"{args.db}: no entries")
         return 0
-    print(tabulate(_summary_rows(lines, by_level=False),
+    print(tabulate(_summary_rows(lines),
                    headers=["dataset", "arch", "attack", "kept", "rejected", "CA %", "ASR %", "ASR.Cor"]))
     return 0
 
