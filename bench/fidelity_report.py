@@ -57,7 +57,7 @@ def _pct(v: float | None, digits: int = 1) -> str:
     return "—" if v is None else f"{100 * v:.{digits}f}"
 
 
-def database_section(db: Database, profile, targets: dict) -> list[str]:
+def database_section(db: Database, targets: dict) -> list[str]:
     dirs, parents = database_summary(db)
     lines = db.entries(kept=None)
     out = ["## The database", ""]
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             f"processes) is {_minutes(recorded)}",
             f"- benchmark: {'not run (--skip-bench)' if args.skip_bench else _minutes(bench_wall) + ' wall time' if bench_wall is not None else 'results reused from ' + ', '.join(str(r) for r in all_results)}",
             f"- written {time.strftime('%Y-%m-%d %H:%M %Z')}", ""]
-    body = database_section(db, profile, {"asr": args.asr_target, "ca_drop": args.ca_drop_target})
+    body = database_section(db, {"asr": args.asr_target, "ca_drop": args.ca_drop_target})
     if not args.skip_bench and all(r.is_file() for r in all_results):
         import reports
 
@@ -193,9 +193,10 @@ def main(argv: list[str] | None = None) -> int:
         body += ["## The benchmark (`python -m reports " + " ".join(str(r) for r in all_results) + " --format md`)",
                  ""]
         for r in all_results:
-            head_line = next((ln for ln in read(r) if ln.get("kind") == "header"), {})
+            lines_r = read(r)
+            head_line = next((ln for ln in lines_r if ln.get("kind") == "header"), {})
             opts = {k: v for k, v in (head_line.get("options") or {}).items() if v not in (None, "", [], {})}
-            cases = sum(1 for ln in read(r) if ln.get("kind") == "case")
+            cases = sum(1 for ln in lines_r if ln.get("kind") == "case")
             body.append(f"- `{r.name}`: run {head_line.get('run')}, git `{head_line.get('git')}`, "
                         f"{head_line.get('threads')} threads x {max(1, head_line.get('workers') or 0)} process(es), "
                         f"{cases} cases, options `{opts}`")

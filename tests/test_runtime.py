@@ -34,6 +34,7 @@ def test_set_threads_applies_and_cli_flag_sets_it(monkeypatch, capsys):
     try:
         assert runtime.set_threads(1) == 1 and torch.get_num_threads() == 1
         monkeypatch.delenv(runtime.THREADS_ENV, raising=False)
+        torch.set_num_threads(2)  # so that only the flag can bring it back to 1
         assert main(["models", "vgg13", "--threads", "1"]) == 0
         assert torch.get_num_threads() == 1
     finally:
