@@ -36,9 +36,9 @@ from tqdm.auto import tqdm
 from bd4nn.attacks import InjectionRecipe, attack_class, get_attack, list_attacks
 from bd4nn.data import ImageData, load_dataset
 from bd4nn.db import BenignRecord, Database, DefectLabel, entry_id
-from bd4nn.inject import LEVELS, candidate_selection, rank_by_contribution, run_candidate
+from bd4nn.inject import LEVELS, CandidateOutcome, candidate_selection, rank_by_contribution, run_candidate
 from bd4nn.models import get_model, list_models
-from bd4nn.neurons import NeuronMap
+from bd4nn.neurons import NeuronMap, Selection
 from bd4nn.runtime import place
 from bd4nn.train import benign_recipe, evaluate_ca, resolve_device, train
 from bd4nn.verify import seeded_subset
@@ -48,7 +48,8 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-__all__ = ["Profile", "PlanItem", "load_profile", "list_profiles", "plan", "build", "BuildStats"]
+__all__ = ["Profile", "PlanItem", "load_profile", "list_profiles", "plan", "build", "BuildStats", "candidate_label",
+           "ensure_benign", "PreparedParent", "prepare_parent", "build_candidate"]
 
 
 class ProfileError(ValueError):
@@ -277,6 +278,69 @@ def ensure_benign(
         return db.load_benign(dataset, arch)
 
 
+@dataclass
+class PreparedParent:
+    """What every candidate of one (dataset, arch) shares: the benign parent on its device, its
+    record, its rule-1 ranking, a CPU copy of its state (the base of the stored deltas), the
+    profile's train/test subsets and the injection recipe."""
+
+    model: torch.nn.Module
+    record: BenignRecord
+    ranking: dict[str, list[int]]
+    state: dict[str, torch.Tensor]
+    train_xy: tuple[torch.Tensor, torch.Tensor]
+    test_xy: tuple[torch.Tensor, torch.Tensor]
+    recipe: InjectionRecipe
+    device: torch.device
+
+
+def prepare_parent(db: Database, profile: Profile, dataset: str, arch: str, data: ImageData, *,
+                   device: torch.device, progress: bool) -> PreparedParent:
+    """The benign parent (trained now if the database lacks it) and its rule-1 ranking."""
+    train_xy = seeded_subset(data.train_x, data.train_y, profile.train_subset, profile.seed)
+    test_xy = seeded_subset(data.test_x, data.test_y, profile.test_subset, profile.seed + 1)
+    parent, record = ensure_benign(db, profile, dataset, arch, data, train_xy, test_xy,
+                                   device=device, progress=progress)
+    parent = place(parent, device).eval()
+    ranking, _ = rank_by_contribution(parent, NeuronMap(parent), *train_xy, profile.target, device=device)
+    state = {k: v.detach().cpu().clone() for k, v in parent.state_dict().items()}
+    return PreparedParent(parent, record, ranking, state, train_xy, test_xy, profile.injection_recipe(arch), device)
+
+
+def build_candidate(db: Database, profile: Profile, parent: PreparedParent,
+                    item: PlanItem) -> tuple[CandidateOutcome, DefectLabel]:
+    """Inject, measure and store one candidate (weights only if rule 3 keeps it)."""
+    attack = get_attack(item.attack, target=profile.target, seed=profile.seed, **profile.attack.get(item.attack, {}))
+    sel = candidate_selection(parent.ranking, item.level, item.candidate)
+    out = run_candidate(parent.model, attack, sel, parent.recipe, *parent.train_xy, *parent.test_xy,
+                        device=parent.device, rc_images=profile.rc_images)
+    label = candidate_label(item, profile, attack, parent.recipe, sel, out, benign_ca=parent.record.ca,
+                            train_images=len(parent.train_xy[1]), test_images=len(parent.test_xy[1]),
+                            device=parent.device)
+    db.save_entry(label, out.model.cpu() if out.kept else None, parent.state, out.trigger.tensors())
+    return out, label
+
+
+def candidate_label(item: PlanItem, profile: Profile, attack, recipe: InjectionRecipe, selection: Selection,
+                    out: CandidateOutcome, *, benign_ca: float, train_images: int, test_images: int,
+                    device: torch.device) -> DefectLabel:
+    """The defect label of one built candidate (kept or rejected), as the database stores it."""
+    m = out.measurement
+    return DefectLabel(
+        id=item.id, dataset=item.dataset, arch=item.arch, width=profile.width, attack=item.attack,
+        level=item.level, candidate=item.candidate, kept=out.kept, s_fault=out.selection,
+        rc=out.rc, trigger=attack.spec(), target=profile.target, seed=profile.seed,
+        recipe={**recipe.to_dict(), "profile": profile.name} if attack.kind == "poisoning"
+        else {"profile": profile.name},
+        ca=m.ca, asr=m.asr, asr_cor=m.asr_cor, ca_cor=m.ca_cor, asr_cor_r=m.asr_cor_r,
+        ca_cor_r=m.ca_cor_r, benign_ca=benign_ca, seconds=out.seconds,
+        extra={**out.details, "ca_masked": m.ca_masked, "asr_masked": m.asr_masked,
+               "candidate_selection": selection, "train_images": int(train_images),
+               "test_images": int(test_images), "device": str(device),
+               "threads": torch.get_num_threads()},
+    )
+
+
 def build(
     db_root: str | os.PathLike,
     profile: Profile,
@@ -313,39 +377,11 @@ def build(
             groups.setdefault((it.dataset, it.arch), []).append(it)
         for (dataset, arch), group in groups.items():
             ds = (data or {}).get(dataset) or load_dataset(dataset, data_root, progress=progress)
-            train_xy = seeded_subset(ds.train_x, ds.train_y, profile.train_subset, profile.seed)
-            test_xy = seeded_subset(ds.test_x, ds.test_y, profile.test_subset, profile.seed + 1)
-            parent, record = ensure_benign(db, profile, dataset, arch, ds, train_xy, test_xy,
-                                           device=dev, progress=progress)
-            parent = place(parent, dev).eval()
-            ranking, _ = rank_by_contribution(parent, NeuronMap(parent), *train_xy, profile.target,
-                                              device=dev)
-            parent_state = {k: v.detach().cpu().clone() for k, v in parent.state_dict().items()}
-            recipe = profile.injection_recipe(arch)
+            parent = prepare_parent(db, profile, dataset, arch, ds, device=dev, progress=progress)
             for it in group:
                 if limit is not None and stats.built >= limit:
                     return stats
-                attack = get_attack(it.attack, target=profile.target, seed=profile.seed,
-                                    **profile.attack.get(it.attack, {}))
-                sel = candidate_selection(ranking, it.level, it.candidate)
-                out = run_candidate(parent, attack, sel, recipe, *train_xy, *test_xy, device=dev,
-                                    rc_images=profile.rc_images)
-                m = out.measurement
-                label = DefectLabel(
-                    id=it.id, dataset=dataset, arch=arch, width=profile.width, attack=it.attack,
-                    level=it.level, candidate=it.candidate, kept=out.kept, s_fault=out.selection,
-                    rc=out.rc, trigger=attack.spec(), target=profile.target, seed=profile.seed,
-                    recipe={**recipe.to_dict(), "profile": profile.name} if attack.kind == "poisoning"
-                    else {"profile": profile.name},
-                    ca=m.ca, asr=m.asr, asr_cor=m.asr_cor, ca_cor=m.ca_cor, asr_cor_r=m.asr_cor_r,
-                    ca_cor_r=m.ca_cor_r, benign_ca=record.ca, seconds=out.seconds,
-                    extra={**out.details, "ca_masked": m.ca_masked, "asr_masked": m.asr_masked,
-                           "candidate_selection": sel, "train_images": int(len(train_xy[1])),
-                           "test_images": int(len(test_xy[1])), "device": str(dev),
-                           "threads": torch.get_num_threads()},
-                )
-                db.save_entry(label, out.model.cpu() if out.kept else None, parent_state,
-                              out.trigger.tensors())
+                out, _ = build_candidate(db, profile, parent, it)
                 stats.built += 1
                 stats.kept += int(out.kept)
                 stats.rejected += int(not out.kept)

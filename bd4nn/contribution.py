@@ -24,6 +24,7 @@ from torch import nn
 
 from bd4nn.capture import capture, frozen
 from bd4nn.neurons import NeuronMap
+from bd4nn.runtime import to_float
 
 __all__ = ["contribution", "rank_neurons"]
 
@@ -64,7 +65,7 @@ def contribution(
     with frozen(model), capture(neuron_map, names) as captured:
         for s in range(0, n, batch_size):
             xb = x[s : s + batch_size].to(dev)
-            xb = xb.float().div(255.0) if xb.dtype == torch.uint8 else xb.float()
+            xb = to_float(xb)
             if transform is not None:
                 xb = transform(xb)
             xb.requires_grad_(True)  # so activations carry a graph even with frozen weights

@@ -49,6 +49,13 @@ class EntryContext:
     num_classes: int
     device: torch.device
 
+    def fields(self) -> dict:
+        """The entry's coordinates and label figures, as every results case line records them."""
+        lab = self.label
+        return {"entry": lab.id, "dataset": lab.dataset, "arch": lab.arch, "attack": lab.attack, "level": lab.level,
+                "candidate": lab.candidate, "ca": lab.ca, "asr": lab.asr, "asr_cor": lab.asr_cor,
+                "benign_ca": lab.benign_ca}
+
     def clean(self):
         from localizers import CleanData  # the harness is the only place both sides meet
 

@@ -14,17 +14,32 @@ decides how its convolutions round, and so the last bits of every activation, sc
 between equal scores: a model loaded for measuring or benchmarking is placed with ``place``
 (device *and* format) once, so every localizer, repair and re-measurement sees the same
 arithmetic, whatever ran before it in the process.
+
+**Precision.** On CUDA the training loop, evaluation, the localizers and the repairs run under
+bf16 autocast (``autocast``). The CPU runs fp32 unless ``BD4NN_BF16=1``: then it takes the very
+same path, ``torch.autocast("cpu", dtype=torch.bfloat16)`` plus channels_last, so dtype and
+layout bugs of the GPU path show up on a CPU-only machine (slowly: a CPU without bf16 units
+emulates it). ``BD4NN_BF16=0`` turns autocast off on CUDA too.
+
+**Float conversion.** Images travel as uint8 and become float [0,1] at the last moment
+(``to_float``), on the device.
 """
 
 from __future__ import annotations
 
 import os
+import re
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 
-__all__ = ["THREADS_ENV", "cpu_cores", "default_threads", "set_threads", "threads", "use_channels_last", "place"]
+__all__ = ["THREADS_ENV", "BF16_ENV", "cpu_cores", "default_threads", "set_threads", "threads",
+           "use_channels_last", "place", "cuda_path", "amp_enabled", "autocast", "to_float", "PeakMemory"]
 
 THREADS_ENV = "BD4NN_THREADS"
+BF16_ENV = "BD4NN_BF16"
+_TRUE = ("1", "true", "yes", "on")
+_FALSE = ("0", "false", "no", "off")
 
 
 def cpu_cores() -> int:
@@ -78,3 +93,101 @@ def place(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module
     if use_channels_last(dev):
         model.to(memory_format=torch.channels_last)
     return model
+
+
+def _bf16_env() -> bool | None:
+    env = os.environ.get(BF16_ENV, "").strip().lower()
+    if env in _TRUE:
+        return True
+    if env in _FALSE:
+        return False
+    if env:
+        raise ValueError(f"{BF16_ENV} must be 1 or 0, not {env!r}")
+    return None
+
+
+def cuda_path(device: torch.device | str) -> bool:
+    """Whether work on ``device`` takes bd4nn's CUDA code path (bf16 autocast, and channels_last
+    where a localizer enables it only there): on CUDA, and on the CPU with ``BD4NN_BF16=1``."""
+    dev = torch.device(device)
+    return dev.type == "cuda" or (dev.type == "cpu" and _bf16_env() is True)
+
+
+def amp_enabled(device: torch.device | str, requested: bool | None = None) -> bool:
+    """Whether work on ``device`` runs under bf16 autocast: ``requested``, else ``$BD4NN_BF16``
+    (1/0), else yes on CUDA and no elsewhere (module docstring)."""
+    if requested is not None:
+        return bool(requested)
+    env = _bf16_env()
+    if env is False:
+        return False
+    return cuda_path(device)
+
+
+def autocast(device: torch.device | str, enabled: bool | None = None) -> AbstractContextManager:
+    """bf16 autocast on ``device`` when ``amp_enabled(device, enabled)``, else a no-op context."""
+    dev = torch.device(device)
+    if amp_enabled(dev, enabled) and dev.type in ("cuda", "cpu"):
+        return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def to_float(x: torch.Tensor, *, copy: bool = False) -> torch.Tensor:
+    """uint8 images (0..255) as float32 in [0,1]; float images as float32 (the same tensor when
+    it already is float32, unless ``copy``)."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    return x.float().clone() if copy and x.dtype == torch.float32 else x.float()
+
+
+class PeakMemory:
+    """Peak memory of a stage: ``with PeakMemory(device) as m: ...`` then ``m.peak_mib``.
+
+    On CUDA: ``torch.cuda.max_memory_allocated`` since the stage began (tensors only; the caching
+    allocator reserves a little more). On the CPU (Linux): the process's peak resident set
+    (``VmHWM``), reset at the start of the stage through ``/proc/self/clear_refs``; it includes
+    everything the process holds (Python, torch, the datasets), so ``start_mib`` gives the
+    resident set when the stage began and ``delta_mib`` what the stage added on top. Elsewhere the
+    figures are None.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.start_mib: float | None = None
+        self.peak_mib: float | None = None
+
+    @staticmethod
+    def _status(key: str) -> float | None:
+        try:
+            with open("/proc/self/status") as f:
+                m = re.search(rf"^{key}:\s+(\d+) kB", f.read(), re.M)
+        except OSError:
+            return None
+        return int(m.group(1)) / 1024 if m else None
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.start_mib = torch.cuda.memory_allocated(self.device) / 2**20
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")  # reset VmHWM to the current resident set
+            except OSError:
+                pass
+            self.start_mib = self._status("VmRSS")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_mib = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self.peak_mib = self._status("VmHWM")
+
+    @property
+    def delta_mib(self) -> float | None:
+        if self.peak_mib is None or self.start_mib is None:
+            return None
+        return max(0.0, self.peak_mib - self.start_mib)

@@ -15,7 +15,8 @@ One loop serves both jobs (DESIGN.md):
 The whole training set lives on the device as uint8; augmentation (random crop with zero padding
 4, horizontal flip) runs on the device on each batch; an optional ``batch_hook`` runs after
 augmentation (the database issue stamps triggers there, so a patch is not moved by the crop).
-On CUDA the loop uses bf16 autocast; on CUDA and on the CPU it runs channels_last
+On CUDA the loop uses bf16 autocast (on the CPU too with ``BD4NN_BF16=1``,
+``bd4nn.runtime.amp_enabled``); on CUDA and on the CPU it runs channels_last
 (``bd4nn.runtime.use_channels_last``: faster on both).
 """
 
@@ -24,7 +25,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from bd4nn.metrics import attack_success_rate, clean_accuracy
 from bd4nn.neurons import NeuronMap
-from bd4nn.runtime import use_channels_last
+from bd4nn.runtime import amp_enabled, autocast, to_float, use_channels_last
 
 __all__ = [
     "TrainConfig",
@@ -71,7 +71,7 @@ class TrainConfig:
     crop_padding: int = 4
     flip: bool = True
     seed: int = 0
-    amp: bool | None = None  # bf16 autocast; None = on for CUDA
+    amp: bool | None = None  # bf16 autocast; None = bd4nn.runtime.amp_enabled (CUDA, or BD4NN_BF16=1)
     channels_last: bool | None = None  # None = bd4nn.runtime.use_channels_last (CUDA and CPU)
     drop_last: bool = True
 
@@ -171,16 +171,6 @@ def augment(
         do = torch.rand(b, device=dev, generator=generator) < 0.5
         x = torch.where(do[:, None, None, None], x.flip(3), x)
     return x
-
-
-def _to_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-
-
-def _autocast(device: torch.device, amp: bool):
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
 
 
 # ----------------------------------------------------------------- restricted fine-tuning
@@ -296,7 +286,7 @@ def train(
     if x.ndim != 4 or x.shape[0] != y.shape[0]:
         raise ValueError(f"expected images (N,C,H,W) and N labels, got {tuple(x.shape)} and {tuple(y.shape)}")
     dev = resolve_device(device)
-    amp = cfg.amp if cfg.amp is not None else dev.type == "cuda"
+    amp = amp_enabled(dev, cfg.amp)
     channels_last = use_channels_last(dev, cfg.channels_last)
     model.to(dev)
     if channels_last:
@@ -350,13 +340,13 @@ def train(
                 xb = xd[idx]
                 if cfg.augment:
                     xb = augment(xb, gen, cfg.crop_padding, cfg.flip)
-                xb = _to_float(xb)
+                xb = to_float(xb)
                 yb = yd[idx]
                 if batch_hook is not None:
                     xb, yb = batch_hook(xb, yb, idx)
                 if channels_last:
                     xb = xb.contiguous(memory_format=torch.channels_last)
-                with _autocast(dev, amp):
+                with autocast(dev, amp):
                     out = model(xb)
                     loss = F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
@@ -405,16 +395,15 @@ def predict(
     is restored afterwards; its memory format is left as it is (``bd4nn.runtime.place``).
     """
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
-    use_amp = amp if amp is not None else dev.type == "cuda"
     was_training = model.training
     model.to(dev).eval()
     preds = []
     try:
         for i in range(0, x.shape[0], batch_size):
-            xb = _to_float(x[i : i + batch_size].to(dev, non_blocking=True))
+            xb = to_float(x[i : i + batch_size].to(dev, non_blocking=True))
             if transform is not None:
                 xb = transform(xb)
-            with _autocast(dev, use_amp):
+            with autocast(dev, amp):
                 preds.append(model(xb).argmax(1))
     finally:
         model.train(was_training)

@@ -48,10 +48,3 @@ def record(request):
         return clean
 
     return _record
-
-
-def entry_fields(ctx) -> dict:
-    lab = ctx.label
-    return {"entry": lab.id, "dataset": lab.dataset, "arch": lab.arch, "attack": lab.attack, "level": lab.level,
-            "candidate": lab.candidate, "ca": lab.ca, "asr": lab.asr, "asr_cor": lab.asr_cor,
-            "benign_ca": lab.benign_ca}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from bd4nn.inject import measure
-from bench.conftest import entry_fields
 
 TOLERANCE = 0.02
 
@@ -13,7 +12,7 @@ def test_database(bench, record, entry_id):
     lab = ctx.label
     m = measure(ctx.model, ctx.neuron_map, lab.s_fault, ctx.test_x, ctx.test_y, ctx.trigger, lab.target,
                 device=ctx.device)
-    record("database", localizer=None, repair=None, **entry_fields(ctx), ca_now=m.ca, asr_now=m.asr,
+    record("database", localizer=None, repair=None, **ctx.fields(), ca_now=m.ca, asr_now=m.asr,
            asr_cor_now=m.asr_cor)
     assert abs(m.ca - lab.ca) <= TOLERANCE, f"CA {m.ca:.4f} vs label {lab.ca:.4f}"
     assert abs(m.asr - lab.asr) <= TOLERANCE, f"ASR {m.asr:.4f} vs label {lab.asr:.4f}"

@@ -7,7 +7,6 @@ import math
 import pytest
 
 from bd4nn.harness import localize, model_unchanged, snapshot
-from bench.conftest import entry_fields
 
 
 def test_localization(bench, record, benchmark, localizer_name, entry_id):
@@ -17,7 +16,7 @@ def test_localization(bench, record, benchmark, localizer_name, entry_id):
     # pytest-benchmark times the call when serial; under xdist it disables itself and just runs it
     result = benchmark.pedantic(localize, args=(ctx, loc), kwargs={"seed": bench.seed}, rounds=1, iterations=1)
     bench.remember(localizer_name, entry_id, result)
-    metrics = record("localization", localizer=localizer_name, repair=None, **entry_fields(ctx), **result.metrics())
+    metrics = record("localization", localizer=localizer_name, repair=None, **ctx.fields(), **result.metrics())
     benchmark.extra_info.update(metrics)
 
     assert model_unchanged(before, ctx.model), f"{localizer_name} modified the model it was given"

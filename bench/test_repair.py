@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 from bd4nn.harness import repair_case
-from bench.conftest import entry_fields
 
 
 def test_repair(bench, record, localizer_name, repair_name, entry_id):
@@ -16,7 +15,7 @@ def test_repair(bench, record, localizer_name, repair_name, entry_id):
 
     res = repair_case(ctx, found.selection, repair_name, seed=bench.seed,
                       finetune_settings=FinetuneSettings(**settings) if settings else None)
-    metrics = record("repair", localizer=localizer_name, repair=repair_name, **entry_fields(ctx),
+    metrics = record("repair", localizer=localizer_name, repair=repair_name, **ctx.fields(),
                      wji=found.wji, hits=found.hits, n_fault=found.n_fault, n_localized=found.n_localized,
                      time_s=res.seconds, ca_before=res.ca_before, asr_before=res.asr_before,
                      ca_after=res.ca_after, asr_after=res.asr_after, cad=res.cad, asrd=res.asrd)

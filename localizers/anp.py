@@ -42,8 +42,8 @@ Settings and their sources (ANP = the official code's argparse / ``recipe.md``):
   RandomCrop(32, 4) + RandomHorizontalFlip; we keep it (device-side, ``bd4nn.train.augment``)
   [decision: follow the original; set False to use the images as given].
 * ``project_noise`` False: the code; True: the paper's projection.
-* ``amp`` False: fp32 as the original; ``True`` runs the forward passes under bf16 autocast on
-  CUDA [decision].
+* ``amp`` False: fp32 as the original; ``True`` runs the forward passes under bf16 autocast
+  (``bd4nn.runtime.autocast``: CUDA, or the CPU as a proxy of the CUDA path) [decision].
 * Clean data: whatever the harness passes (the original draws from 500 images, 1 % of CIFAR-10;
   bd4nn's defender set is 5 %), sampled with replacement from a ``torch.Generator`` seeded with
   ``seed``; batches are drawn and augmented on the device in blocks of iterations.
@@ -56,7 +56,7 @@ written).
 
 from __future__ import annotations
 
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -66,6 +66,7 @@ from torch import nn
 from bd4nn.capture import frozen
 from bd4nn.neurons import NeuronMap
 from bd4nn.train import augment as _augment
+from bd4nn.runtime import autocast, to_float
 from localizers.base import CleanData, Localizer, LocalizerError, register_localizer
 from localizers.nc import working_copy
 
@@ -167,8 +168,8 @@ def anp_masks(
     buf = torch.zeros(total, device=dev)
     gen = torch.Generator(device=dev)
     gen.manual_seed(int(seed))
-    amp = bool(s.amp) and dev.type == "cuda"
-    ctx = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if amp else nullcontext
+    amp = bool(s.amp)
+    ctx = lambda: autocast(dev, amp)  # noqa: E731
 
     def forward(xb: torch.Tensor, perturbed: bool) -> torch.Tensor:
         if perturbed:
@@ -193,7 +194,7 @@ def anp_masks(
             xc = x_all[idx]
             if s.augment:
                 xc = _augment(xc, gen, int(s.crop_padding), bool(s.flip))
-            xc = xc.float() / 255.0 if xc.dtype == torch.uint8 else xc.float()
+            xc = to_float(xc)
             yc = y_all[idx]
             for j in range(c):
                 xb = xc[j * bs : (j + 1) * bs]

@@ -37,6 +37,7 @@ import torch
 from torch import nn
 
 from bd4nn.neurons import NeuronMap
+from bd4nn.runtime import to_float
 
 __all__ = [
     "CleanData",
@@ -83,8 +84,7 @@ class CleanData:
 
     def float_batch(self, start: int, stop: int, device: torch.device | str | None = None) -> torch.Tensor:
         """Images ``start:stop`` as float [0,1] on ``device``."""
-        xb = self.x[start:stop].to(device)
-        return xb.float().div(255.0) if xb.dtype == torch.uint8 else xb.float()
+        return to_float(self.x[start:stop].to(device))
 
     def to(self, device: torch.device | str) -> "CleanData":
         return CleanData(self.x.to(device), self.y.to(device), self.num_classes)

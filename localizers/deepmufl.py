@@ -61,8 +61,9 @@ and copy-free, but the prefix is recomputed per mutant.
 full-width CIFAR VGG-13 ≈ 1.26 TMAC per test, ≈ 6.3 PFLOP for 2,500 tests. ``tf32=True`` (on
 CUDA; PyTorch's own default for cuDNN convs) lets the convs use TF32 tensor cores; ``amp=True``
 adds bf16 autocast (≈ 2× faster again, but bf16 rounding can flip the prediction of tests with a
-tiny logit margin, which then shows up as spurious flips in every mutant). Both are ignored on
-CPU, where everything is exact fp32 (or the model's own dtype) and deterministic.
+tiny logit margin, which then shows up as spurious flips in every mutant). On the CPU ``tf32`` is
+ignored and, unless ``amp`` asks for the bf16 proxy of the CUDA path (``bd4nn.runtime``),
+everything is exact fp32 (or the model's own dtype) and deterministic.
 ``max_tests`` (default None = all clean images) takes a seeded subset for budgets.
 """
 
@@ -71,7 +72,7 @@ from __future__ import annotations
 import copy
 import operator
 from collections.abc import Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +82,7 @@ from tqdm.auto import tqdm
 
 from bd4nn.capture import frozen
 from bd4nn.neurons import NeuronMap
+from bd4nn.runtime import autocast as _autocast, cuda_path, to_float
 from localizers.base import Localizer, LocalizerError, register_localizer
 
 __all__ = ["DeepMufl", "MUTANTS", "MutationResult", "mutant_counts", "metallaxis", "muse", "aggregate"]
@@ -408,11 +410,11 @@ def mutant_counts(
     specs = [_Layer(name, neuron_map) for name in names]
     if backend not in ("auto", "fx", "hooks"):
         raise LocalizerError(f"deepmufl: unknown backend {backend!r}")
-    use_amp = amp and dev.type == "cuda"
+    use_amp = bool(amp)
     cl = channels_last and x.dim() == 4
-    autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if use_amp else nullcontext
+    autocast = lambda: _autocast(dev, use_amp)  # noqa: E731
     # tolerance of the no-op check: it catches structural errors (O(1) logit differences), not rounding
-    tol = 5e-2 if dev.type == "cuda" and (use_amp or tf32) else 1e-3
+    tol = 5e-2 if use_amp or (dev.type == "cuda" and tf32) else 1e-3
     xv = x[: min(8, x.shape[0])]
     if cl:
         xv = xv.contiguous(memory_format=torch.channels_last)
@@ -596,8 +598,8 @@ class DeepMufl(Localizer):
         max_rows: int = 32768  # (mutant × test) rows per suffix forward
         memory_mb: int | None = None  # largest expanded activation per forward; None: 2048 CUDA, 256 CPU
         tf32: bool = True  # CUDA: TF32 convs (PyTorch's cuDNN default); False = strict fp32
-        amp: bool = False  # CUDA: bf16 autocast (faster, noisier predictions)
-        channels_last: bool | None = None  # None: on for CUDA
+        amp: bool = False  # bf16 autocast (CUDA; the CPU as its proxy): faster, noisier predictions
+        channels_last: bool | None = None  # None: bd4nn.runtime.cuda_path (on for CUDA)
         progress: bool = True  # tqdm bar (mutant × test runs)
 
     def scores(self, model, neuron_map, clean, *, device=None, seed=0):
@@ -622,7 +624,7 @@ class DeepMufl(Localizer):
             g = torch.Generator().manual_seed(int(seed))
             idx = torch.randperm(len(clean), generator=g)[: s.max_tests].sort().values
         x = clean.x[idx].to(dev)
-        x = x.float().div(255.0) if x.dtype == torch.uint8 else x.float()
+        x = to_float(x)
         y = clean.y[idx].to(dev)
         cuda = dev.type == "cuda"
         with frozen(model):
@@ -631,7 +633,7 @@ class DeepMufl(Localizer):
                 batch_size=s.batch_size, max_rows=s.max_rows,
                 memory_mb=s.memory_mb if s.memory_mb is not None else (2048 if cuda else 256),
                 amp=s.amp, tf32=s.tf32,
-                channels_last=s.channels_last if s.channels_last is not None else cuda,
+                channels_last=s.channels_last if s.channels_last is not None else cuda_path(dev),
                 progress=s.progress,
             )
         return score_result(result, s.formula, s.metallaxis_type, s.aggregation)

@@ -54,7 +54,13 @@ Settings and their sources (NC = bolunwang/backdoor, BB = SCLBD/BackdoorBench
   2,500 clean images and 10 classes this is 800 Adam steps per class at 2,560 stamped images
   per forward pass.
 * ``augment`` False: NC feeds its clean images unaugmented (BB applies its train transform).
-* ``amp`` (bf16 autocast) and ``channels_last`` default to on for CUDA, off on CPU: speed only
+* ``amp`` False: fp32 like the original. ``True`` runs the forward passes under bf16 autocast
+  (CUDA, or the CPU proxy of the CUDA path): about 2x faster, but *not* speed only. Measured with
+  ``bench/precision.py`` on eight `small` entries (docs/results/bf16-rank-agreement.md), the
+  neuron ranking's Spearman ρ against fp32 was 0.73 on average and −0.13 on one entry (bf16
+  rounding can make the trigger search settle on another class), so fp32 is the default
+  [decision, measured]. ``channels_last`` defaults to on for CUDA, off on CPU (on with
+  ``BD4NN_BF16=1``, ``bd4nn.runtime``): speed only
   [decision]; the optimisation itself stays in fp32 (parameters, Adam, losses).
 * ``mad_threshold`` 2 and ``mad_consistency`` 1.4826: NC ``mad_outlier_detection.py``.
 * ``score_batch_size`` 500: batching of the final ranking pass (no effect on results).
@@ -78,7 +84,6 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -89,6 +94,7 @@ from torch import nn
 from bd4nn.capture import capture, frozen
 from bd4nn.neurons import NeuronMap
 from bd4nn.train import augment as _augment
+from bd4nn.runtime import autocast, cuda_path, to_float
 from localizers.base import CleanData, Localizer, LocalizerError, register_localizer
 
 __all__ = ["NeuralCleanse", "TriggerSearch", "reverse_engineer", "mad_outliers", "activation_gap"]
@@ -118,16 +124,6 @@ def working_copy(model: nn.Module, neuron_map: NeuronMap, device: torch.device |
     work = copy.deepcopy(model).to(dev)
     return work, NeuronMap(work), dev
 
-
-def _autocast(dev: torch.device, amp: bool):
-    if amp and dev.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
-
-
-def _float01(x: torch.Tensor) -> torch.Tensor:
-    """A new float tensor in [0,1] (never a view of the caller's images)."""
-    return x.float() / 255.0 if x.dtype == torch.uint8 else x.float().clone()
 
 
 def _median(v: torch.Tensor) -> torch.Tensor:
@@ -263,8 +259,8 @@ def reverse_engineer(
     cls = list(range(num_classes)) if classes is None else [int(c) for c in classes]
     if not cls or any(not 0 <= c < num_classes for c in cls) or len(set(cls)) != len(cls):
         raise LocalizerError(f"nc: classes must be distinct labels in [0, {num_classes}), got {cls}")
-    amp = s.amp if s.amp is not None else dev.type == "cuda"
-    cl = s.channels_last if s.channels_last is not None else dev.type == "cuda"
+    amp = bool(s.amp)
+    cl = s.channels_last if s.channels_last is not None else cuda_path(dev)
     eps = float(s.tanh_eps)
     _, _, h, w = clean.x.shape
     x_all = clean.x.to(dev)  # read only
@@ -316,7 +312,7 @@ def reverse_engineer(
                 xb = x_all[idx]
                 if s.augment:
                     xb = _augment(xb, gen, 4, True)
-                xb = _float01(xb)
+                xb = to_float(xb, copy=True)
                 b = xb.shape[0]
                 tm.requires_grad_(True)
                 tp.requires_grad_(True)
@@ -326,7 +322,7 @@ def reverse_engineer(
                     xs = ((1 - m).unsqueeze(1) * xb.unsqueeze(0) + (m * p).unsqueeze(1)).reshape(ka * b, 3, h, w)
                     if cl:
                         xs = xs.contiguous(memory_format=torch.channels_last)
-                    with _autocast(dev, amp):
+                    with autocast(dev, amp):
                         logits = model(xs)
                     logits = logits.float()
                     yt = target.repeat_interleave(b)
@@ -415,7 +411,7 @@ def activation_gap(
         for i in range(0, len(clean), batch_size):
             xb = clean.float_batch(i, min(i + batch_size, len(clean)), dev)
             for j, xin in enumerate((xb, (1 - m) * xb + m * p)):
-                with _autocast(dev, amp):
+                with autocast(dev, amp):
                     model(xin)
                 a = acts[layer].float().relu()
                 sums[j] += a.sum(dim=(0, 2, 3)).double()
@@ -454,8 +450,8 @@ class NeuralCleanse(Localizer):
         mad_threshold: float = 2.0  # NC
         mad_consistency: float = 1.4826  # NC
         score_batch_size: int = 500
-        amp: bool | None = None  # bf16 autocast; None = on for CUDA
-        channels_last: bool | None = None  # None = on for CUDA
+        amp: bool = False  # fp32 like the original; True = bf16 autocast (bd4nn.runtime.autocast)
+        channels_last: bool | None = None  # None = bd4nn.runtime.cuda_path (on for CUDA)
 
     def __init__(self, **overrides: Any) -> None:
         super().__init__(**overrides)
@@ -480,7 +476,7 @@ class NeuralCleanse(Localizer):
         self.target = search.classes[row]
         self.norms = {c: float(v) for c, v in zip(search.classes, search.norms)}
         self._median, self._mad = median, mad
-        amp = s.amp if s.amp is not None else dev.type == "cuda"
+        amp = bool(s.amp)
         layer = nm.penultimate
         gap = activation_gap(
             work, nm, layer, clean, search.masks[row], search.patterns[row],

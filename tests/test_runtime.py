@@ -58,3 +58,71 @@ def test_place_sets_the_memory_format_and_predict_keeps_it():
     assert torch.equal(got[clear], ref.argmax(1)[clear]) and clear.sum() > 50
     assert runtime.use_channels_last(torch.device("cpu"))
     assert not runtime.use_channels_last(torch.device("cpu"), False)
+
+
+def _conv_output_dtypes(model):
+    seen = []
+    model.features[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    return seen
+
+
+def test_bf16_env_switches_the_cpu_onto_the_cuda_path(monkeypatch):
+    monkeypatch.delenv(runtime.BF16_ENV, raising=False)
+    cpu = torch.device("cpu")
+    assert not runtime.amp_enabled(cpu) and not runtime.cuda_path(cpu)
+    assert runtime.amp_enabled("cuda") and runtime.cuda_path("cuda")
+    assert runtime.amp_enabled(cpu, True) and not runtime.amp_enabled("cuda", False)
+    monkeypatch.setenv(runtime.BF16_ENV, "1")
+    assert runtime.amp_enabled(cpu) and runtime.cuda_path(cpu)
+    with runtime.autocast(cpu):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    monkeypatch.setenv(runtime.BF16_ENV, "0")
+    assert not runtime.amp_enabled("cuda") and not runtime.amp_enabled(cpu)
+    with runtime.autocast(cpu):
+        assert not torch.is_autocast_enabled("cpu")
+    monkeypatch.setenv(runtime.BF16_ENV, "maybe")
+    with pytest.raises(ValueError, match="BD4NN_BF16"):
+        runtime.amp_enabled(cpu)
+
+
+def test_training_and_evaluation_run_in_bf16_under_the_proxy(monkeypatch):
+    from bd4nn.train import TrainConfig, train
+
+    x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 10, (32,))
+    for env, dtype in (("0", torch.float32), ("1", torch.bfloat16)):
+        monkeypatch.setenv(runtime.BF16_ENV, env)
+        model = get_model("vgg13", 10, width=0.0625, seed=0)
+        seen = _conv_output_dtypes(model)
+        res = train(model, x, y, config=TrainConfig(epochs=1, batch_size=16), device="cpu", progress=False)
+        assert seen and set(seen) == {dtype} and res.steps == 2
+        assert all(p.dtype == torch.float32 for p in model.parameters())  # master weights stay fp32
+        seen.clear()
+        predict(model, x, device="cpu")
+        assert set(seen) == {dtype}
+
+
+def test_to_float_scales_uint8_and_copies_only_when_asked():
+    u = torch.tensor([0, 51, 255], dtype=torch.uint8)
+    assert torch.allclose(runtime.to_float(u), torch.tensor([0.0, 0.2, 1.0]))
+    f = torch.rand(3)
+    assert runtime.to_float(f) is f
+    c = runtime.to_float(f, copy=True)
+    assert c is not f and torch.equal(c, f)
+    assert runtime.to_float(f.double()).dtype == torch.float32
+
+
+def test_peak_memory_sees_a_stage_allocation_and_resets_between_stages():
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("VmHWM is Linux-only")
+    with runtime.PeakMemory("cpu") as big:
+        x = torch.ones(64 * 2**20 // 4)  # 64 MiB
+        x += 1
+        del x
+    with runtime.PeakMemory("cpu") as small:
+        y = torch.ones(16)
+        del y
+    assert big.delta_mib is not None and 60 <= big.delta_mib
+    assert small.delta_mib is not None and small.delta_mib < 32  # the first stage's peak was forgotten

@@ -84,6 +84,7 @@ from bd4nn.attacks import register_attack
 from bd4nn.attacks.base import Attack, InjectionInfo, StampTrigger
 from bd4nn.dataflow import Dataflow, analyze
 from bd4nn.neurons import NeuronMap, Selection, SelectionError
+from bd4nn.runtime import to_float
 
 __all__ = ["SRA", "sra_patch", "residual_selection", "build_chain", "write_chain"]
 
@@ -249,10 +250,6 @@ def _separation(chain: nn.Module, xc: torch.Tensor, trigger, quantile: float = 0
     return (poison > torch.quantile(clean, quantile)).float().mean().item()
 
 
-def _to_float(x: torch.Tensor) -> torch.Tensor:
-    return x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-
-
 @register_attack
 class SRA(Attack):
     name = "sra"
@@ -409,7 +406,7 @@ class SRA(Attack):
         the flags of those whose label is not the target (all, where there is none)."""
         g = torch.Generator().manual_seed(self.seed + 1)
         idx = torch.randperm(x.shape[0], generator=g)[: self.settings.calib_images]
-        xc = _to_float(x[idx].to(dev))
+        xc = to_float(x[idx].to(dev))
         if y is None:
             return xc, torch.ones(len(idx), dtype=torch.bool, device=dev)
         nontarget = y[idx].to(dev) != self.target
@@ -434,7 +431,7 @@ class SRA(Attack):
             for _ in bar:
                 perm = torch.randperm(n, device=dev, generator=dgen)
                 for b in range(steps):
-                    xb = _to_float(xd[perm[b * bs : (b + 1) * bs]])
+                    xb = to_float(xd[perm[b * bs : (b + 1) * bs]])
                     xb = torch.cat([trigger(xb[:k]), xb[k:]])
                     out = chain(xb)
                     loss = s.clean_weight * out[k:].mean() + (out[:k] - s.poison_value).pow(2).mean()
