@@ -26,7 +26,8 @@ from torch import nn
 from bd4nn.attacks.base import StampTrigger
 from bd4nn.data import ImageData, clean_split, load_dataset
 from bd4nn.db import Database, DefectLabel
-from bd4nn.metrics import auroc, average_precision, flatten_scores, hits, selection_size, top_k_selection, wji
+from bd4nn.metrics import (auroc, average_precision, flatten_scores, hits, selection_size, tied_layers,
+                           top_k_selection, wji)
 from bd4nn.neurons import NeuronMap
 from bd4nn.repair import FinetuneSettings, RepairResult, repair
 from bd4nn.runtime import place
@@ -119,10 +120,13 @@ class Localization:
     ap: float
     time_s: float
     settings: dict[str, Any] = field(default_factory=dict)
+    tied: list[str] = field(default_factory=list)  # layers where a (seeded) tie-break decided the cut
+    details: dict[str, Any] = field(default_factory=dict)  # the localizer's report() of this run
 
     def metrics(self) -> dict[str, Any]:
         return {"wji": self.wji, "hits": self.hits, "n_fault": self.n_fault, "n_localized": self.n_localized,
-                "auroc": _finite_or_none(self.auroc), "ap": _finite_or_none(self.ap), "time_s": self.time_s}
+                "auroc": _finite_or_none(self.auroc), "ap": _finite_or_none(self.ap), "time_s": self.time_s,
+                "tied_layers": len(self.tied), **({"details": self.details} if self.details else {})}
 
 
 def _finite_or_none(v: float) -> float | None:
@@ -132,7 +136,9 @@ def _finite_or_none(v: float) -> float | None:
 def localize(ctx: EntryContext, localizer, *, seed: int = 0) -> Localization:
     """Score the entry's neurons, take the top-k per covered layer, compare with the truth.
 
-    Time = wall-clock seconds of ``scores`` with the device synchronized, loading excluded.
+    Ties at the top-k cut are broken by an order seeded with ``seed`` (``top_k_selection``) and
+    counted in ``tied_layers``. Time = wall-clock seconds of ``scores`` with the device
+    synchronized, loading excluded.
     """
     label = ctx.label
     clean = ctx.clean()
@@ -144,13 +150,15 @@ def localize(ctx: EntryContext, localizer, *, seed: int = 0) -> Localization:
         torch.cuda.synchronize(ctx.device)
     seconds = time.perf_counter() - t0
     fault = label.s_fault
-    sel = top_k_selection(scores, fault)
+    sel = top_k_selection(scores, fault, seed=seed)
     flat, labels = flatten_scores(scores, fault)
     return Localization(
         localizer=localizer.name, scores=scores, selection=sel, wji=wji(fault, sel, label.rc),
         hits=hits(fault, sel), n_fault=selection_size(fault), n_localized=selection_size(sel),
         auroc=auroc(flat, labels), ap=average_precision(flat, labels), time_s=seconds,
         settings=localizer.config() if localizer.name != "pfl" else {},
+        tied=tied_layers(scores, fault),
+        details=localizer.report(),
     )
 
 

@@ -10,7 +10,8 @@ What each function computes, and where in METHODS.md it is defined:
   (METHODS.md §3): ``WJI = sum_{i in S_fault ∩ S_localized} RC_i * m / |S_fault ∪ S_localized|``
   with ``m = |S_fault|``; uniform RC gives the Jaccard index.
 - :func:`top_k_selection` — the budget rule of METHODS.md §3: in each covered layer the top-k
-  neurons by score, ``k = |S_fault ∩ layer|``.
+  neurons by score, ``k = |S_fault ∩ layer|``, ties broken by a seeded random order;
+  :func:`tied_layers` — where a tie decided the cut.
 - :func:`auroc`, :func:`average_precision`, :func:`flatten_scores` — the threshold-free ranking
   quality over all covered neurons [decision, METHODS.md §3 "Beyond the paper"].
 - :func:`cad`, :func:`asrd` — repair effect ``CA(infected) - CA(repaired)`` and
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import math
 import operator
+import zlib
 from collections.abc import Mapping, Sequence
 from typing import Union
 
@@ -53,6 +55,7 @@ __all__ = [
     "average_precision",
     "flatten_scores",
     "top_k_selection",
+    "tied_layers",
 ]
 
 Selection = dict[str, list[int]]
@@ -398,12 +401,20 @@ def flatten_scores(
     return torch.cat(flat), torch.cat(labs)
 
 
-def top_k_selection(scores: Mapping[str, ArrayLike], fault: Selection) -> Selection:
+def _tie_keys(layer: str, n: int, seed: int) -> np.ndarray:
+    """A seeded random order of ``n`` channels, one per (layer, seed): the tie-break of the budget."""
+    return np.random.default_rng([int(seed) & 0xFFFFFFFF, zlib.crc32(layer.encode())]).permutation(n)
+
+
+def top_k_selection(scores: Mapping[str, ArrayLike], fault: Selection, *, seed: int = 0) -> Selection:
     """``S_localized`` under the benchmark's budget (METHODS.md §3).
 
     In each covered layer (a key of ``scores``) take the ``k`` highest-scoring channels with
-    ``k = |S_fault ∩ layer|``; ties go to the lower channel index. Layers with ``k = 0`` are left
-    out; fault layers that are not covered contribute nothing. Channel lists come back sorted.
+    ``k = |S_fault ∩ layer|``. Channels with equal scores are ordered by a random permutation
+    seeded with ``(seed, layer)`` — never by channel index, which would hand a tie to the
+    lowest channels (issue 11: a localizer whose scores are all 0 would "find" channels 0..k-1).
+    ``tied_layers`` says where a tie decided the cut. Layers with ``k = 0`` are left out; fault
+    layers that are not covered contribute nothing. Channel lists come back sorted.
     """
     _neurons(fault, "fault")
     out: Selection = {}
@@ -416,7 +427,23 @@ def top_k_selection(scores: Mapping[str, ArrayLike], fault: Selection) -> Select
         s = t.to(torch.float64).numpy()
         if np.isnan(s).any():
             raise ValueError(f"scores of layer {layer!r} contain NaN; cannot rank its channels")
-        # primary key: score descending; secondary: channel index ascending
-        order = np.lexsort((np.arange(n), -s))
+        # primary key: score descending; secondary: the seeded random tie-break
+        order = np.lexsort((_tie_keys(layer, n, seed), -s))
         out[layer] = sorted(int(i) for i in order[:k])
     return out
+
+
+def tied_layers(scores: Mapping[str, ArrayLike], fault: Selection) -> list[str]:
+    """Covered layers where a tie decided the budget's cut: the ``k``-th highest score equals the
+    ``(k+1)``-th, so which of the tied channels made it was up to the seeded tie-break."""
+    _neurons(fault, "fault")
+    tied = []
+    for layer in scores:
+        t = _layer_scores(scores, layer)
+        n = t.shape[0]
+        k = len(_fault_channels_in(fault, layer, n))
+        if 0 < k < n:
+            top = np.sort(t.to(torch.float64).numpy())[::-1]
+            if top[k - 1] == top[k]:
+                tied.append(layer)
+    return tied

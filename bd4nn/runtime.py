@@ -147,8 +147,10 @@ class PeakMemory:
     allocator reserves a little more). On the CPU (Linux): the process's peak resident set
     (``VmHWM``), reset at the start of the stage through ``/proc/self/clear_refs``; it includes
     everything the process holds (Python, torch, the datasets), so ``start_mib`` gives the
-    resident set when the stage began and ``delta_mib`` what the stage added on top. Elsewhere the
-    figures are None.
+    resident set when the stage began and ``delta_mib`` what the stage added on top. The peak is
+    an upper bound of the stage's footprint; the delta can be an underestimate in a long process,
+    whose freed heap pages stay resident and are reused without raising the resident set.
+    Elsewhere the figures are None.
     """
 
     def __init__(self, device: torch.device | str) -> None:

@@ -133,6 +133,11 @@ class Localizer:
         out = self.scores(model, neuron_map, clean, device=device, seed=seed)
         return check_scores(self.name, out, neuron_map, self.layers(neuron_map))
 
+    def report(self) -> dict[str, Any]:
+        """JSON-able details of the last ``scores`` call (e.g. which code path ran), recorded with
+        every result; empty unless a localizer has something to say."""
+        return {}
+
     def config(self) -> dict[str, Any]:
         """The settings as a plain dict (recorded with every result)."""
         return dataclasses.asdict(self.settings)

@@ -17,13 +17,14 @@ mis-paired.
 
 Settings:
 
-* ``standardize`` (default True): return ``(UCLC − μ) / s`` per layer, with μ and ``s`` the
-  layer's mean and unbiased std (``torch.std``, as in the threshold rule). This mirrors the
-  decision rule and makes layers comparable (raw UCLC is dominated by particular layers;
-  METHODS-REFERENCE §A4). ``False`` returns raw UCLC. Standardizing is a positive affine map
-  within a layer, so the per-layer top-k of the harness is the same either way; only
-  cross-layer comparisons (e.g. a global AUROC) differ. A layer whose UCLC are all equal (s = 0)
-  or that has one channel gets standardized scores of 0, never NaN.
+* ``standardize`` (default False): the scores are the raw UCLC, the quantity the original ranks
+  and thresholds, so the harness's threshold-free all-layer metrics (AUROC, AP) are computed on
+  it. ``True`` returns ``(UCLC − μ) / s`` per layer (μ and ``s`` the layer's mean and unbiased
+  std, ``torch.std``, as in the threshold rule), for display only: it is a positive affine map
+  within a layer, so the per-layer top-k is the same either way, but across layers it is a
+  different ranking (Spearman ρ 0.53 against the raw UCLC on a CIFAR-10 VGG-13, issue 11), and
+  it was the default before issue 11. A layer whose UCLC are all equal (s = 0) or that has one
+  channel gets standardized scores of 0, never NaN.
 * ``u`` (default 3, CLP ``test.py -u 3.``; BB ``config/defense/clp/config.yaml`` ``u: 3``): the
   threshold of CLP's own pruning rule, channel ``k`` is suspicious if ``UCLC_k > μ + u·s``
   (``suspicious``). It does not change the scores.
@@ -89,7 +90,7 @@ class CLP(Localizer):
 
     @dataclass
     class Settings:
-        standardize: bool = True  # per-layer (UCLC − μ)/s; same per-layer top-k as raw UCLC
+        standardize: bool = False  # True: per-layer (UCLC − μ)/s, for display; same per-layer top-k
         u: float = 3.0  # CLP test.py -u 3.; BB config/defense/clp/config.yaml u: 3
 
     def scores(self, model, neuron_map, clean, *, device=None, seed=0):

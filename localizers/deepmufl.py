@@ -53,9 +53,11 @@ it. This is exact by construction: every dependent node receives, per row block 
 the tensors it would receive in a forward pass of mutant ``m`` on the ``B`` tests, because a
 non-dependent value is by definition the same in every mutant. Before use, each layer's plan is
 checked on the first batch: two no-op mutants must reproduce the clean logits. Models that
-cannot be traced (or fail the check) fall back to a hook backend: the whole model runs on the
-repeated batch and a forward hook on the conv (and BN) substitutes the channels — still exact
-and copy-free, but the prefix is recomputed per mutant.
+cannot be traced, or whose graph the fx backend cannot express (``_FxUnsupported``), fall back
+to a hook backend: the whole model runs on the repeated batch and a forward hook on the conv
+(and BN) substitutes the channels — still exact and copy-free, but the prefix is recomputed per
+mutant. Nothing else falls back (a failed no-op check is a bug and raises), and which backend
+ran, with the reason for a fallback, is in ``report()`` and so in every results case.
 
 **Cost and defaults.** Work ≈ 8 × Σ_l C_l × (suffix MACs after layer l) per test: for a
 full-width CIFAR VGG-13 ≈ 1.26 TMAC per test, ≈ 6.3 PFLOP for 2,500 tests. ``tf32=True`` (on
@@ -70,6 +72,7 @@ everything is exact fp32 (or the model's own dtype) and deterministic.
 from __future__ import annotations
 
 import copy
+import logging
 import operator
 from collections.abc import Sequence
 from contextlib import contextmanager
@@ -84,6 +87,8 @@ from bd4nn.capture import frozen
 from bd4nn.neurons import NeuronMap
 from bd4nn.runtime import autocast as _autocast, cuda_path, to_float
 from localizers.base import Localizer, LocalizerError, register_localizer
+
+log = logging.getLogger(__name__)
 
 __all__ = ["DeepMufl", "MUTANTS", "MutationResult", "mutant_counts", "metallaxis", "muse", "aggregate"]
 
@@ -106,6 +111,7 @@ class MutationResult:
     f2p_distinct: dict[str, torch.Tensor]  # layer -> (channels,) distinct failing tests any mutant fixes
     p2f_distinct: dict[str, torch.Tensor]  # layer -> (channels,) distinct passing tests any mutant breaks
     backend: str  # "fx" or "hooks"
+    fallback: str | None = None  # why the fx backend could not run the model (then "hooks" ran)
 
     @property
     def n_fail(self) -> int:
@@ -182,6 +188,10 @@ class _Layer:
 
 
 # ------------------------------------------------------------------------- fx backend
+class _FxUnsupported(LocalizerError):
+    """The model has a structure the fx backend cannot express (the one reason to fall back)."""
+
+
 class _FxRunner:
     """Clean pass once per test batch, then only the mutation-dependent nodes per mutant chunk."""
 
@@ -193,7 +203,7 @@ class _FxRunner:
         self.nodes = list(graph.nodes)
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
         if len(placeholders) != 1:
-            raise LocalizerError("deepmufl fx backend: the model must take one input")
+            raise _FxUnsupported("deepmufl fx backend: the model must take one input")
         self.input = placeholders[0]
         self.output = next(n for n in self.nodes if n.op == "output")
         self.order = {n: i for i, n in enumerate(self.nodes)}
@@ -209,14 +219,14 @@ class _FxRunner:
             convs = [n for n in self.nodes if n.op == "call_module" and n.target == layer.conv_name]
             bns = [n for n in self.nodes if n.op == "call_module" and n.target == layer.bn_name]
             if len(convs) != 1 or len(bns) != 1 or len(convs[0].all_input_nodes) != 1:
-                raise LocalizerError(f"deepmufl fx backend: conv/BN of {layer.name} not called exactly once")
+                raise _FxUnsupported(f"deepmufl fx backend: conv/BN of {layer.name} not called exactly once")
             conv = convs[0]
             dep = {conv}
             for n in self.nodes[self.order[conv] + 1:]:
                 if any(a in dep for a in n.all_input_nodes):
                     dep.add(n)
             if bns[0] not in dep or self.output not in dep:
-                raise LocalizerError(f"deepmufl fx backend: {layer.name} does not reach the output through its BN")
+                raise _FxUnsupported(f"deepmufl fx backend: {layer.name} does not reach the output through its BN")
             dep_nodes = sorted(dep, key=self.order.__getitem__)
             reads = {a for n in dep_nodes[1:] for a in n.all_input_nodes if a not in dep}
             keep |= reads | {conv, conv.all_input_nodes[0]}
@@ -251,7 +261,7 @@ class _FxRunner:
             for part in node.target.split("."):
                 obj = getattr(obj, part)
             return obj
-        raise LocalizerError(f"deepmufl fx backend: unsupported node {node.op}")
+        raise _FxUnsupported(f"deepmufl fx backend: unsupported node {node.op}")
 
     def clean(self, x: torch.Tensor):
         """Evaluate the whole graph on the tests; returns (logits, env of kept values)."""
@@ -268,7 +278,7 @@ class _FxRunner:
             for a in self.clean_free.get(n, ()):
                 env.pop(a, None)
         if not torch.is_tensor(out):
-            raise LocalizerError("deepmufl fx backend: the model must return one logits tensor")
+            raise _FxUnsupported("deepmufl fx backend: the model must return one logits tensor")
         return out, env
 
     def conv_io(self, env, layer: _Layer):
@@ -286,7 +296,7 @@ class _FxRunner:
             v = env[a]
             if a in self.batched and torch.is_tensor(v) and v.dim() > 0:
                 if v.shape[0] != b:
-                    raise LocalizerError("deepmufl fx backend: a clean operand is not batch-first")
+                    raise _FxUnsupported("deepmufl fx backend: a clean operand is not batch-first")
                 if a not in expanded:
                     expanded[a] = v.unsqueeze(0).expand(m, *v.shape).reshape(m * b, *v.shape[1:])
                 return expanded[a]
@@ -426,8 +436,13 @@ def mutant_counts(
                 row_bytes = _check(cand, specs, xv, cl, autocast, tol)
             runner = cand
             break
-        except Exception as exc:  # untraceable model or failed check: next backend
+        except (fx.proxy.TraceError, _FxUnsupported) as exc:
+            # only an untraceable model or a structure the fx backend cannot express falls back
+            # to the hooks; any other failure (a failed no-op check included) is a bug: raise it
+            if kind != "fx" or backend != "auto":
+                raise
             why = exc
+            log.warning("deepmufl: the fx backend cannot run this model (%s); using the hook backend", exc)
     if runner is None:
         raise LocalizerError(f"deepmufl: no backend can run this model ({why})") from why
     n_tests, n_mut = x.shape[0], len(MUTANTS)
@@ -485,6 +500,7 @@ def mutant_counts(
         f2p_distinct={k: (v > 0).sum(1).cpu() for k, v in f2p_any.items()},
         p2f_distinct={k: (v > 0).sum(1).cpu() for k, v in p2f_any.items()},
         backend=runner.backend,
+        fallback=None if why is None else f"{type(why).__name__}: {why}",
     )
 
 
@@ -636,4 +652,10 @@ class DeepMufl(Localizer):
                 channels_last=s.channels_last if s.channels_last is not None else cuda_path(dev),
                 progress=s.progress,
             )
+        self.last = {"backend": result.backend, "fallback": result.fallback, "tests": int(len(result.pred)),
+                     "failing_tests": result.n_fail}
         return score_result(result, s.formula, s.metallaxis_type, s.aggregation)
+
+    def report(self) -> dict:
+        """Which backend ran the last ``scores`` (and why it fell back, if it did), and the tests."""
+        return dict(getattr(self, "last", {}))

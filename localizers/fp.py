@@ -4,27 +4,27 @@ Idea (Liu et al., RAID'18): backdoor neurons are dormant on clean inputs, so the
 last conv layer with the lowest mean clean activation are the suspicious ones.
 
 Score of channel ``c`` of the penultimate neuron layer (``neuron_map.penultimate``, the last
-conv→BN unit feeding the head)::
+conv→BN unit feeding the head), with the model in eval mode (BN uses its running statistics)::
 
-    A_c = mean_{n,h,w} relu(BN_c(conv(x_n)))[h, w]        score_c = -A_c
+    feature="head" (default):   A_c = mean_n f(x_n)_c           score_c = -A_c
 
-averaged over every clean image and spatial position, with the model in eval mode (BN uses its
-running statistics; METHODS-REFERENCE §0). Lower activation = more suspicious, so the score is
-the *negated* mean and the harness's top-k picks the most dormant channels.
+where ``f(x)`` is the input of the classifier head: the pooled, flattened feature the classifier
+reads. We follow BackdoorBench's Fine-Pruning (``defense/fp.py``: a forward hook on the model's
+last child, the ``nn.Linear``, takes ``input[0]``, sums it over the clean subset and divides by
+its size, then ``argsort`` ascending: the lowest mean is pruned first); the original
+Fine-Pruning code (kangliucn, ``face/conv_output_prune.py`` and ``speech/conv_output_prune.py``)
+likewise ranks the output of the max-pool that follows the ReLU of the pruned conv layer. In
+bd4nn's VGGs the head reads the 2×2 → 1×1 max-pool of relu(BN(conv)) of the last conv layer;
+in the ResNets it reads the average-pooled, post-ReLU output of the last block (the residual
+stream, whose channel ``c`` is channel ``c`` of the last block's ``bn2`` and of its shortcut).
+Lower activation = more suspicious, so the score is the *negated* mean and the harness's top-k
+picks the most dormant channels.
 
-Where the activation is read, and why. A neuron is a conv channel together with its BN
-(METHODS.md §1); its activation is the BN output, which is exactly what a mask zeroes and what
-the ground truth ``S_fault`` refers to. FP's criterion is a *post-ReLU* activation, so we hook
-that channel's BN output and apply ``relu`` to it. This matches the original and the reference
-implementations up to where the ReLU output is tapped:
-
-* VGG: identical to "post-BN+ReLU of the last conv" (FPo reads after ReLU + pooling, BB after
-  the final pooling; pooling is not applied here — the pre-pool spatial mean of a post-ReLU map,
-  as in TZ ``fine_pruning.py`` and BBox ``Pruning.py`` (mean over dims 0, 2, 3)).
-* ResNet (deviation): BB reads the post-addition, post-ReLU output of ``layer4``; that tensor
-  mixes the residual stream and is not the activation of any single neuron. We read
-  ``relu(bn2(conv2))`` of the last block, before the residual add, i.e. the neuron's own
-  activation (the thing masking silences).
+``feature="neuron"``: ``A_c = mean_{n,h,w} relu(BN_c(conv(x_n)))[h, w]``, the neuron's own
+post-ReLU activation before pooling and, in a ResNet, before the residual add (TrojanZoo's
+``fine_pruning.py`` and BackdoorBox's ``Pruning.py`` average this pre-pool map over dims 0, 2,
+3). It was bd4nn's default before issue 11: on a CIFAR-10 VGG-13 (width 1/4, BadNets) its
+ranking had Spearman ρ 0.22–0.27 against BackdoorBench's, and pooling alone made the gap.
 
 Only the ranking is a published default; the pruning / fine-tuning half of Fine-Pruning is a
 repair (METHODS.md §4) and not part of this localizer. The clean subset size (BB
@@ -49,27 +49,50 @@ __all__ = ["FP"]
 class FP(Localizer):
     name = "fp"
     scope = "penultimate"
-    summary = "low mean clean post-ReLU activation of the last conv layer"
+    summary = "low mean clean activation of the last conv layer's channels, as the head reads them"
 
     @dataclass
     class Settings:
+        feature: str = "head"  # BB defense/fp.py: the head's input; "neuron": pre-pool relu(BN) (module doc)
         batch_size: int = 256  # BB config/defense/fp/config.yaml batch 256; memory only
 
     def scores(self, model, neuron_map, clean, *, device=None, seed=0):
-        bs = int(self.settings.batch_size)
+        s = self.settings
+        bs = int(s.batch_size)
         if bs < 1:
             raise LocalizerError(f"fp: batch_size must be >= 1, got {bs}")
+        if s.feature not in ("head", "neuron"):
+            raise LocalizerError(f"fp: feature must be 'head' or 'neuron', not {s.feature!r}")
         dev = torch.device(device) if device is not None else next(model.parameters()).device
         layer = neuron_map.penultimate
-        n = len(clean)
-        total = torch.zeros(neuron_map.sizes[layer], device=dev, dtype=torch.float64)
-        positions = 0
-        with frozen(model), capture(neuron_map, [layer]) as captured, torch.no_grad():
-            for s in range(0, n, bs):
-                captured.clear()
-                model(clean.float_batch(s, s + bs, dev))
-                a = torch.relu(captured[layer])  # (B, C, H, W) post-ReLU neuron activation
-                total += a.sum((0, 2, 3), dtype=torch.float64)
-                positions += a.shape[0] * a.shape[2] * a.shape[3]
-        mean = total / positions
+        size = neuron_map.sizes[layer]
+        total = torch.zeros(size, device=dev, dtype=torch.float64)
+        count = 0
+        with frozen(model), torch.no_grad():
+            if s.feature == "head":
+                head = neuron_map.head()
+                if head.in_features != size:
+                    raise LocalizerError(
+                        f"fp: the head reads {head.in_features} features but {layer} has {size} channels; "
+                        "use feature='neuron' for this model")
+                feats: list[torch.Tensor] = []
+                handle = head.register_forward_hook(lambda _m, inp, _o: feats.append(inp[0]))
+                try:
+                    for i in range(0, len(clean), bs):
+                        feats.clear()
+                        model(clean.float_batch(i, i + bs, dev))
+                        f = feats[0].flatten(1)
+                        total += f.sum(0, dtype=torch.float64)
+                        count += f.shape[0]
+                finally:
+                    handle.remove()
+            else:
+                with capture(neuron_map, [layer]) as captured:
+                    for i in range(0, len(clean), bs):
+                        captured.clear()
+                        model(clean.float_batch(i, i + bs, dev))
+                        a = torch.relu(captured[layer])  # (B, C, H, W) post-ReLU neuron activation
+                        total += a.sum((0, 2, 3), dtype=torch.float64)
+                        count += a.shape[0] * a.shape[2] * a.shape[3]
+        mean = total / count
         return {layer: (-mean).float()}

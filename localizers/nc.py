@@ -14,46 +14,58 @@ METHODS.md §3 (2), METHODS-REFERENCE.md §A2. Three stages:
    own cost schedule, best-mask record and early stop; a class that stops early leaves the batch.
    The data order depends only on the seed, never on which classes are optimised, so running
    one class alone (``reverse_engineer(..., classes=[k])``) reproduces its batched result.
-2. **MAD outlier test** (NC ``mad_outlier_detection.py``): L1 norms of the best masks, median
-   (numpy convention: mean of the two middle values), ``MAD = 1.4826·median(|L − median|)``,
+2. **MAD outlier test** (BB ``defense/nc.py``, NC ``mad_outlier_detection.py``): L1 norms of
+   the best masks, median (``median`` setting), ``MAD = 1.4826·median(|L − median|)``,
    anomaly index ``(median − min L)/MAD``; a class is flagged when its norm is below the median
    and its deviation exceeds 2 MADs. The suspect target is the flagged class with the smallest
    norm; when nothing is flagged the smallest-norm class is still used (the ranking needs a
    trigger), and ``infected`` records that the test did not fire.
 3. **Neuron ranking** (NC paper §VI, METHODS.md: the last neuron layer): for each channel of
-   ``neuron_map.penultimate``, the mean over images and positions of its post-ReLU BN output on
-   clean images stamped with the suspect trigger minus the same mean on the clean images; higher
-   = more suspicious.
+   ``neuron_map.penultimate``, its mean activation as the head reads it (``feature``) on clean
+   images stamped with the suspect trigger minus the same mean on the clean images; higher =
+   more suspicious.
 
 After ``scores`` the instance exposes ``search`` (a ``TriggerSearch``: masks, patterns, norms,
 …), ``norms`` ``{class: L1}``, ``anomaly_index``, ``flagged``, ``target``, ``infected`` and
 ``report()`` (a JSON-able summary).
 
-Settings and their sources (NC = bolunwang/backdoor, BB = SCLBD/BackdoorBench
-``config/defense/nc/cifar10.yaml`` + ``defense/nc.py``):
+Settings: one source, BackdoorBench (BB, ``SCLBD/BackdoorBench``: ``defense/nc.py`` and
+``config/defense/nc/cifar10.yaml``), the NC implementation the benchmark studies compare with
+and the one whose budget (80 epochs over the clean subset) fits the harness; the original NC
+(``bolunwang/backdoor``: ``visualizer.py``, ``gtsrb_visualize_example.py``,
+``mad_outlier_detection.py``) differs where noted. Issue 11 measured why one source matters: on
+a CIFAR-10 VGG-13 the target's reversed mask norm was 12.2 with BB's settings (BB itself: 11.9)
+and 18.8 with the earlier mix of both.
 
-* ``lr`` 0.1, ``betas`` (0.5, 0.9): NC and BB (Adam).
-* ``init_cost`` 1e-3, ``patience`` 5, ``cost_multiplier`` 2 (up ×2, down ÷2**1.5),
-  ``early_stop`` on, ``early_stop_patience`` 25, ``tanh_eps`` 1e-7, L1 regularisation: NC and BB.
-* ``reset_cost_to_zero`` True (cost starts at 0 and is set to ``init_cost`` after ``patience``
-  successful epochs): NC ``RESET_COST_TO_ZERO``. BB starts at ``init_cost``.
-* ``attack_succ_threshold`` 0.99, ``early_stop_threshold`` 1.0: NC (BB: 0.98 and 0.99).
-* **Changed:** ``init`` "ones" (mask and pattern start at tanh(1)/(2−ε)+0.5 ≈ 0.88, i.e. a
-  near-white blend over the whole image, then shrink): BB, whose 80-epoch budget we adopt. NC's
-  "random" (both uniform in [0,1)) is available; it needs NC's far longer schedule (on a tiny
-  test model with a patch backdoor, a few hundred Adam steps from a random start stall at masks
-  ~15× larger than the real trigger, while from "ones" they shrink to the patch).
-* ``adam_eps`` 1e-8: torch's Adam default as used by BB (NC's Keras Adam uses 1e-7).
-* **Changed for the time budget:** ``epochs`` 80 and ``batch_size`` 256 come from BB
-  (``nc_epoch 80`` full passes over the defender's clean set, loader ``batch_size 256``), not
-  from NC (``STEPS`` 1000 outer steps of 31 mini-batches of 32 images per class, ~31k Adam
-  steps per class, far beyond a 30 s budget for 10 classes). One *epoch* is one pass over the
-  clean data in shuffled mini-batches (the last one may be smaller); the cost schedule, the
-  best-mask record and the early stop act once per epoch on the mean of the per-mini-batch
-  attack accuracies and mask norms (as in NC, where a "step" is a group of mini-batches). With
-  2,500 clean images and 10 classes this is 800 Adam steps per class at 2,560 stamped images
-  per forward pass.
-* ``augment`` False: NC feeds its clean images unaugmented (BB applies its train transform).
+* ``epochs`` 80 (``nc_epoch``), ``batch_size`` 256 (yaml; NC: 1000 steps of 31 mini-batches of
+  32). One *epoch* is one pass over the clean data in shuffled mini-batches (the last one may be
+  smaller); the cost schedule, the best-mask record and the early stop act once per epoch on
+  the mean of the per-mini-batch attack accuracies and mask norms. With 2,500 clean images and
+  10 classes this is 800 Adam steps per class at 2,560 stamped images per forward pass.
+* ``lr`` 0.1 (``mask_lr``), ``betas`` (0.5, 0.9), ``adam_eps`` 1e-8 (torch's Adam, nc.py; NC's
+  Keras Adam: 1e-7).
+* ``init_cost`` 1e-3, ``cost_multiplier`` 2 (up ×2, down ÷2**1.5), ``patience`` 5,
+  ``reset_cost_to_zero`` False (every label starts at ``init_cost``; NC starts at 0 and sets
+  ``init_cost`` after ``patience`` successful epochs).
+* ``attack_succ_threshold`` 0.98 (``atk_succ_threshold`` 98.0 %; NC 0.99), ``early_stop`` on,
+  ``early_stop_threshold`` 0.99 (NC's example script 1.0), ``early_stop_patience`` 25.
+* ``init`` "ones": mask and pattern start at tanh(1)/(2−ε)+0.5 ≈ 0.88 (``np.ones`` as the tanh
+  parameters; NC: uniform [0,1), "random"). ``tanh_eps`` 1e-7 (``EPSILON``); we divide by
+  (2−ε) as NC, BB by (2+ε): a relative difference of 1e-7.
+* ``augment`` True: BB's clean subset goes through its train transform (random crop, padding
+  4, horizontal flip); NC feeds images unaugmented.
+* ``unreached`` "first": a class that never reaches the threshold keeps the mask and pattern of
+  its *first* epoch (BB); "last" keeps the final ones (NC).
+* ``median`` "torch": BB's outlier test uses ``torch.median``, the *lower* of the two middle
+  values for 10 classes; "numpy" is NC's ``np.median`` (their mean). ``mad_threshold`` 2,
+  ``mad_consistency`` 1.4826 (both sources).
+* ``feature`` "head": the neuron ranking (stage 3) is taken on the feature the classifier reads
+  (the pooled head input), as for FP; neither BB (which unlearns) nor NC's repository ranks
+  neurons, and the NC paper ranks "neurons of the second-to-last layer", i.e. that feature.
+  "neuron" ranks the post-ReLU BN output of the last conv layer before pooling (the earlier
+  default).
+* Blending: BB stamps in normalized space, bd4nn in pixel space with the model normalizing
+  internally; per-channel normalization is affine, so the two stamped images are the same.
 * ``amp`` False: fp32 like the original. ``True`` runs the forward passes under bf16 autocast
   (CUDA, or the CPU proxy of the CUDA path): about 2x faster, but *not* speed only. Measured with
   ``bench/precision.py`` on eight `small` entries (docs/results/bf16-rank-agreement.md), the
@@ -62,7 +74,6 @@ Settings and their sources (NC = bolunwang/backdoor, BB = SCLBD/BackdoorBench
   [decision, measured]. ``channels_last`` defaults to on for CUDA, off on CPU (on with
   ``BD4NN_BF16=1``, ``bd4nn.runtime``): speed only
   [decision]; the optimisation itself stays in fp32 (parameters, Adam, losses).
-* ``mad_threshold`` 2 and ``mad_consistency`` 1.4826: NC ``mad_outlier_detection.py``.
 * ``score_batch_size`` 500: batching of the final ranking pass (no effect on results).
 
 Cost: every epoch runs ``num_classes × N`` stamped images forward and backward (input gradient
@@ -75,8 +86,8 @@ Best-result rule (NC ``visualizer.py``, BB ``train_step``): after an epoch whose
 accuracy is ≥ the threshold and whose mean mask L1 is below the best so far, the mask and
 pattern *at the end of that epoch* are kept, and the reported norm is the L1 of that kept mask
 (as NC's ``mad_outlier_detection`` reads the saved mask). A class that never reaches the
-threshold keeps its final mask and pattern (``reached`` False) [decision; BB keeps its first
-epoch's]. The model is frozen and in eval mode throughout; the clean images are never modified.
+threshold keeps its first epoch's mask and pattern as BB does (``unreached``; ``reached``
+False). The model is frozen and in eval mode throughout; the clean images are never modified.
 """
 
 from __future__ import annotations
@@ -126,11 +137,14 @@ def working_copy(model: nn.Module, neuron_map: NeuronMap, device: torch.device |
 
 
 
-def _median(v: torch.Tensor) -> torch.Tensor:
-    """numpy's median (mean of the two middle values for an even count)."""
+def _median(v: torch.Tensor, kind: str = "torch") -> torch.Tensor:
+    """The median as BB computes it (``torch.median``: the lower of the two middle values for an
+    even count) or as NC does (``np.median``: their mean)."""
     s = v.flatten().sort().values
     n = s.numel()
-    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    if n % 2 or kind == "torch":
+        return s[(n - 1) // 2]
+    return (s[n // 2 - 1] + s[n // 2]) / 2
 
 
 def _to_unit(theta: torch.Tensor, eps: float) -> torch.Tensor:
@@ -144,14 +158,17 @@ def _from_unit(v: torch.Tensor, eps: float) -> torch.Tensor:
 # -------------------------------------------------------------------- MAD outlier test
 
 
-def mad_outliers(norms: Sequence[float] | torch.Tensor, threshold: float = 2.0, consistency: float = 1.4826):
+def mad_outliers(norms: Sequence[float] | torch.Tensor, threshold: float = 2.0, consistency: float = 1.4826,
+                 median: str = "torch"):
     """NC's MAD test. Returns ``(anomaly_index, flagged, median, mad)``; ``flagged`` lists the
     class indices below the median whose deviation exceeds ``threshold`` MADs, smallest norm
-    first."""
+    first. ``median``: "torch" (BB, the lower middle value) or "numpy" (NC, the mean of the two)."""
+    if median not in ("torch", "numpy"):
+        raise LocalizerError(f"nc: median must be 'torch' or 'numpy', not {median!r}")
     v = torch.as_tensor(norms, dtype=torch.float64).flatten()
-    med = _median(v)
+    med = _median(v, median)
     dev = (v - med).abs()
-    mad = consistency * _median(dev)
+    mad = consistency * _median(dev, median)
     if mad > 0:
         idx = dev / mad
     else:  # all deviations' median is 0: any deviation at all is an infinite outlier
@@ -293,6 +310,7 @@ def reverse_engineer(
     history: list[dict] = []
     bs = max(1, int(s.batch_size))
 
+    first_m = first_p = None  # the masks after the first epoch (BB keeps them for unreached classes)
     with frozen(model):
         for _epoch in range(int(s.epochs)):
             active = [i for i, sc in enumerate(sched) if not sc.stopped]
@@ -349,6 +367,8 @@ def reverse_engineer(
                 for k in adam:
                     adam[k][pos] = st[k]
                 cur_m, cur_p = _to_unit(tm, eps), _to_unit(tp, eps)
+                if first_m is None:  # every class is active in the first epoch
+                    first_m, first_p = cur_m.clone(), cur_p.clone()
                 nb = len(batches)
                 accs = (acc_sum / nb).tolist()
                 regs = (reg_sum / nb).tolist()
@@ -368,8 +388,9 @@ def reverse_engineer(
         final_m, final_p = _to_unit(theta_m, eps), _to_unit(theta_p, eps)
         reached = torch.tensor([sc.reg_best < math.inf for sc in sched])
         keep_final = ~reached.to(dev)
-        best_m[keep_final] = final_m[keep_final]
-        best_p[keep_final] = final_p[keep_final]
+        fall_m, fall_p = (first_m, first_p) if s.unreached == "first" and first_m is not None else (final_m, final_p)
+        best_m[keep_final] = fall_m[keep_final]
+        best_p[keep_final] = fall_p[keep_final]
     return TriggerSearch(
         classes=cls,
         masks=best_m.cpu(),
@@ -399,23 +420,43 @@ def activation_gap(
     device: torch.device | str | None = None,
     batch_size: int = 500,
     amp: bool = False,
+    feature: str = "head",
 ) -> torch.Tensor:
-    """Per channel of ``layer``: mean post-ReLU BN output on stamped minus on clean images."""
+    """Per channel of ``layer``: mean activation on stamped minus on clean images. ``feature``
+    "head": the head's input (the pooled feature the classifier reads, channel ``c`` = channel
+    ``c`` of ``layer``); "neuron": the post-ReLU BN output of ``layer`` over images and positions."""
+    if feature not in ("head", "neuron"):
+        raise LocalizerError(f"nc: feature must be 'head' or 'neuron', not {feature!r}")
     dev = torch.device(device) if device is not None else _model_device(model)
     m = mask.to(dev, torch.float32).reshape(1, 1, *mask.shape[-2:])
     p = pattern.to(dev, torch.float32).reshape(1, 3, *pattern.shape[-2:])
     size = neuron_map.sizes[layer]
     sums = torch.zeros(2, size, dtype=torch.float64, device=dev)
     count = 0
-    with frozen(model), capture(neuron_map, [layer]) as acts:
-        for i in range(0, len(clean), batch_size):
-            xb = clean.float_batch(i, min(i + batch_size, len(clean)), dev)
-            for j, xin in enumerate((xb, (1 - m) * xb + m * p)):
-                with autocast(dev, amp):
-                    model(xin)
-                a = acts[layer].float().relu()
-                sums[j] += a.sum(dim=(0, 2, 3)).double()
-            count += xb.shape[0] * a.shape[2] * a.shape[3]
+    head = neuron_map.head()
+    if feature == "head" and head.in_features != size:
+        raise LocalizerError(f"nc: the head reads {head.in_features} features but {layer} has {size} channels; "
+                             "use feature='neuron' for this model")
+    feats: list[torch.Tensor] = []
+    handle = head.register_forward_hook(lambda _m, inp, _o: feats.append(inp[0])) if feature == "head" else None
+    try:
+        with frozen(model), capture(neuron_map, [layer] if feature == "neuron" else []) as acts:
+            for i in range(0, len(clean), batch_size):
+                xb = clean.float_batch(i, min(i + batch_size, len(clean)), dev)
+                for j, xin in enumerate((xb, (1 - m) * xb + m * p)):
+                    feats.clear()
+                    with autocast(dev, amp):
+                        model(xin)
+                    if feature == "head":
+                        a = feats[0].float().flatten(1)
+                        sums[j] += a.sum(dim=0).double()
+                    else:
+                        a = acts[layer].float().relu()
+                        sums[j] += a.sum(dim=(0, 2, 3)).double()
+                count += xb.shape[0] * (1 if feature == "head" else a.shape[2] * a.shape[3])
+    finally:
+        if handle is not None:
+            handle.remove()
     means = sums / count
     return (means[1] - means[0]).float().cpu()
 
@@ -437,18 +478,21 @@ class NeuralCleanse(Localizer):
         betas: tuple[float, float] = (0.5, 0.9)  # NC, BB
         adam_eps: float = 1e-8  # torch/BB (NC Keras: 1e-7)
         init_cost: float = 1e-3  # NC, BB
-        reset_cost_to_zero: bool = True  # NC (BB: False)
-        attack_succ_threshold: float = 0.99  # NC (BB: 0.98)
+        reset_cost_to_zero: bool = False  # BB nc.py: every label starts at init_cost (NC: True)
+        attack_succ_threshold: float = 0.98  # BB cifar10.yaml atk_succ_threshold 98.0 (NC: 0.99)
         patience: int = 5  # NC, BB
         cost_multiplier: float = 2.0  # NC example script, BB; down = multiplier**1.5
         early_stop: bool = True  # NC, BB
-        early_stop_threshold: float = 1.0  # NC (BB: 0.99)
+        early_stop_threshold: float = 0.99  # BB cifar10.yaml (NC example script: 1.0)
         early_stop_patience: int = 25  # NC (5·patience), BB
         tanh_eps: float = 1e-7  # NC (Keras epsilon), BB
         init: str = "ones"  # BB (NC: "random", uniform [0,1))
-        augment: bool = False  # NC (BB applies its train transform)
-        mad_threshold: float = 2.0  # NC
-        mad_consistency: float = 1.4826  # NC
+        augment: bool = True  # BB: the clean subset goes through the train transform, crop 4 + flip (NC: none)
+        mad_threshold: float = 2.0  # BB nc.py (= NC)
+        mad_consistency: float = 1.4826  # BB nc.py (= NC)
+        median: str = "torch"  # BB nc.py torch.median, lower middle value ("numpy": NC np.median)
+        unreached: str = "first"  # a class never reaching the threshold keeps its 1st-epoch mask (BB); "last"
+        feature: str = "head"  # rank on the feature the head reads ("neuron": pre-pool relu(BN), module doc)
         score_batch_size: int = 500
         amp: bool = False  # fp32 like the original; True = bf16 autocast (bd4nn.runtime.autocast)
         channels_last: bool | None = None  # None = bd4nn.runtime.cuda_path (on for CUDA)
@@ -465,9 +509,13 @@ class NeuralCleanse(Localizer):
 
     def scores(self, model, neuron_map, clean, *, device=None, seed=0):
         s = self.settings
+        for key, allowed in (("median", ("torch", "numpy")), ("unreached", ("first", "last")),
+                             ("feature", ("head", "neuron"))):
+            if getattr(s, key) not in allowed:
+                raise LocalizerError(f"nc: {key} must be one of {allowed}, not {getattr(s, key)!r}")
         work, nm, dev = working_copy(model, neuron_map, device)
         search = reverse_engineer(work, clean, None, s, device=dev, seed=seed)
-        anomaly, flagged, median, mad = mad_outliers(search.norms, s.mad_threshold, s.mad_consistency)
+        anomaly, flagged, median, mad = mad_outliers(search.norms, s.mad_threshold, s.mad_consistency, s.median)
         row = flagged[0] if flagged else int(search.norms.argmin())
         self.search = search
         self.anomaly_index = anomaly
@@ -480,7 +528,7 @@ class NeuralCleanse(Localizer):
         layer = nm.penultimate
         gap = activation_gap(
             work, nm, layer, clean, search.masks[row], search.patterns[row],
-            device=dev, batch_size=s.score_batch_size, amp=amp,
+            device=dev, batch_size=s.score_batch_size, amp=amp, feature=s.feature,
         )
         return {layer: gap}
 

@@ -187,3 +187,42 @@ def test_bad_settings():
     for kw in ({"formula": "dstar"}, {"aggregation": "median"}, {"metallaxis_type": 3}):
         with pytest.raises(LocalizerError):
             DeepMufl(progress=False, **kw)(model, nm, clean)
+
+
+class _Untraceable(torch.nn.Module):
+    """A VGG whose forward branches on a tensor value: torch.fx cannot trace it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if x.sum() > -1.0:  # data-dependent control flow
+            return self.inner(x)
+        return -self.inner(x)
+
+
+def test_fallback_only_when_fx_cannot_trace_and_the_backend_is_recorded(monkeypatch):
+    import localizers.deepmufl as dm
+
+    model = _model("vgg13")
+    x, y = _tests(model, 16)
+    clean = CleanData((x * 255).to(torch.uint8), y, N_CLASSES)
+    loc = DeepMufl(max_tests=8, progress=False)
+    loc(model, NeuronMap(model), clean)
+    assert loc.report()["backend"] == "fx" and loc.report()["fallback"] is None
+
+    wrapped = _Untraceable(copy.deepcopy(model)).eval()
+    loc(wrapped, NeuronMap(wrapped), clean)
+    assert loc.report()["backend"] == "hooks" and "TraceError" in loc.report()["fallback"]
+
+    # any other failure of the fast path is a bug and surfaces, not a silent slowdown
+    def broken_check(runner, *args, **kwargs):
+        if runner.backend == "fx":
+            raise RuntimeError("a bug in the fx path")
+        return real_check(runner, *args, **kwargs)
+
+    real_check = dm._check
+    monkeypatch.setattr(dm, "_check", broken_check)
+    with pytest.raises(RuntimeError, match="a bug in the fx path"):
+        loc(model, NeuronMap(model), clean)

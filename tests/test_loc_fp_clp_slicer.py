@@ -11,9 +11,10 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from bd4nn.models import get_model
+from bd4nn.models import VGG, get_model
 from bd4nn.neurons import NeuronMap
 from localizers.base import CleanData, LocalizerError
 from localizers.clp import CLP
@@ -153,14 +154,33 @@ def manual_contribution(model: nn.Module, nm: NeuronMap, clean: CleanData, cente
 
 # ------------------------------------------------------------------------------ CLP
 @pytest.mark.parametrize("arch", ARCHS)
+def test_clp_auroc_is_computed_on_the_raw_uclc(arch):
+    from scipy.stats import mannwhitneyu
+
+    from bd4nn.metrics import auroc, flatten_scores
+
+    model = tiny(arch)
+    randomize_bn(model, seed=2)
+    nm = NeuronMap(model)
+    g = torch.Generator().manual_seed(0)
+    fault = {l: sorted(torch.randperm(nm.sizes[l], generator=g)[:2].tolist()) for l in nm.layers}
+    flat, labels = flatten_scores(CLP()(model, nm, clean_data(2)), fault)
+    got = auroc(flat, labels)
+    raw = np.concatenate([numpy_uclc(nm.conv(l), nm.bn(l)) for l in nm.layers])
+    is_fault = np.concatenate([np.isin(np.arange(nm.sizes[l]), fault[l]) for l in nm.layers])
+    u = mannwhitneyu(raw[is_fault], raw[~is_fault]).statistic
+    assert got == pytest.approx(u / (is_fault.sum() * (~is_fault).sum()), abs=1e-9)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_clp_equals_numpy_svd_of_bn_folded_filter(arch):
     model = tiny(arch)
     randomize_bn(model, seed=1)
     nm = NeuronMap(model)
     if arch == "resnet18":
         assert any("shortcut" in l for l in nm.layers)
-    raw = CLP(standardize=False)(model, nm, clean_data(2))
-    std = CLP()(model, nm, clean_data(2))
+    raw = CLP()(model, nm, clean_data(2))  # the default: raw UCLC (issue 11)
+    std = CLP(standardize=True)(model, nm, clean_data(2))
     assert list(raw) == nm.layers
     for layer in nm.layers:
         conv, bn = nm.conv(layer), nm.bn(layer)
@@ -186,9 +206,9 @@ def test_clp_threshold_rule_and_degenerate_layers():
         bn.weight.fill_(1.0)
         bn.running_var.fill_(1.0)
         nm.bn(dead).running_var[2] = 0.0  # σ = 0: no inf/NaN
-    clp = CLP()
+    clp = CLP(standardize=True)
     s = clp(model, nm, clean_data(2))
-    raw = clp.__class__(standardize=False)(model, nm, clean_data(2))
+    raw = CLP()(model, nm, clean_data(2))
     assert all(torch.isfinite(v).all() for v in s.values())
     assert torch.equal(s[flat], torch.zeros(nm.sizes[flat]))
     sus = clp.suspicious(s)
@@ -202,8 +222,8 @@ def test_clp_threshold_rule_and_degenerate_layers():
 
 
 # ------------------------------------------------------------------------------ FP
-@pytest.mark.parametrize("arch", ARCHS)
-def test_fp_ranks_dormant_channel_first(arch):
+@pytest.mark.parametrize("arch,feature", [("vgg13", "head"), ("vgg13", "neuron"), ("resnet18", "neuron")])
+def test_fp_ranks_dormant_channel_first(arch, feature):
     model = tiny(arch)
     randomize_bn(model, seed=3)
     nm = NeuronMap(model)
@@ -217,13 +237,46 @@ def test_fp_ranks_dormant_channel_first(arch):
         bn.running_var.fill_(1.0)
         bn.weight[dormant] = 0.0
         bn.bias[dormant] = -1.0  # BN output −1 everywhere, post-ReLU 0
-    s = FP()(model, nm, clean_data())
+    s = FP(feature=feature)(model, nm, clean_data())
     assert list(s) == [last]
     sc = s[last]
     assert int(torch.argmax(sc)) == dormant
     assert float(sc[dormant]) == 0.0
     others = torch.cat([sc[:dormant], sc[dormant + 1 :]])
     assert (others < 0).all()
+
+
+def _pooled_feature_by_hand(model: nn.Module, nm: NeuronMap, x: torch.Tensor) -> torch.Tensor:
+    """Mean over images of what the head reads, computed from the architecture: VGG = 2×2 max-pool
+    of relu(BN) of the last conv (per image, from its BN output); ResNet = the spatial mean of the
+    last stage's output (post-add, post-ReLU), one image at a time."""
+    if isinstance(model, VGG):
+        outs = manual_bn_outputs(model, nm.bn(nm.penultimate), x)
+        return torch.stack([F.max_pool2d(torch.relu(o), 2)[0].double().flatten() for o in outs]).mean(0)
+    net = copy.deepcopy(model).eval()
+    got = []
+    h = net.layer4.register_forward_hook(lambda m, i, o: got.append(o.detach().double().mean((2, 3))[0]))
+    with torch.no_grad():
+        for i in range(x.shape[0]):
+            net(x[i : i + 1])
+    h.remove()
+    return torch.stack(got).mean(0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fp_default_ranks_the_pooled_feature_the_head_reads(arch):
+    model = tiny(arch)
+    randomize_bn(model, seed=5)
+    nm = NeuronMap(model)
+    clean = clean_data(uint8=True)
+    s = FP(batch_size=4)(model, nm, clean)
+    expected = _pooled_feature_by_hand(model, nm, as_float(clean.x))
+    np.testing.assert_allclose(s[nm.penultimate].numpy(), (-expected).numpy(), rtol=1e-5, atol=1e-6)
+    if arch == "vgg13":  # the max-pool matters: the pre-pool mean ranks differently here
+        pre = FP(feature="neuron")(model, nm, clean)[nm.penultimate]
+        assert not torch.allclose(pre, s[nm.penultimate])
+    with pytest.raises(LocalizerError, match="feature"):
+        FP(feature="pooled")(model, nm, clean)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -234,7 +287,7 @@ def test_fp_equals_per_image_hook_loop(arch):
     nm = NeuronMap(model)
     clean = clean_data(uint8=True)
     snap = snapshot(model)
-    s = FP(batch_size=4)(model, nm, clean)  # 4 does not divide 6: a partial batch
+    s = FP(feature="neuron", batch_size=4)(model, nm, clean)  # 4 does not divide 6: a partial batch
     assert_unchanged(model, snap)
     outs = manual_bn_outputs(model, nm.bn(nm.penultimate), as_float(clean.x))
     expected = torch.stack([torch.relu(o)[0].double().mean((1, 2)) for o in outs]).mean(0)
@@ -315,7 +368,7 @@ def test_scopes_and_unknown_settings():
     assert (FP.name, FP.scope) == ("fp", "penultimate")
     assert (CLP.name, CLP.scope) == ("clp", "all")
     assert (Slicer.name, Slicer.scope) == ("slicer", "all")
-    assert CLP().config() == {"standardize": True, "u": 3.0}
+    assert CLP().config() == {"standardize": False, "u": 3.0}
     assert Slicer().config() == {"centered": False, "batch_size": 256}
     for cls in (FP, CLP, Slicer):
         with pytest.raises(LocalizerError, match="no setting"):

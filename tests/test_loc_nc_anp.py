@@ -8,8 +8,8 @@ patch → class 0, carried by a known selection of channels.
 
 import copy
 import math
-import statistics
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,10 +74,14 @@ def test_mad_outliers_hand_computed():
     assert med == 11.0 and mad == pytest.approx(1.4826)
     assert a == pytest.approx(10 / 1.4826)
     assert flagged == [0]  # class 1 is below the median but only 0.67 MADs away
-    # even count (numpy median = mean of the middle two): median 9, |dev| = [7,1,1,3] -> 2
-    a, flagged, med, mad = mad_outliers([2.0, 8.0, 10.0, 12.0])
+    # even count, numpy median (NC) = mean of the middle two: median 9, |dev| = [7,1,1,3] -> 2
+    a, flagged, med, mad = mad_outliers([2.0, 8.0, 10.0, 12.0], median="numpy")
     assert med == 9.0 and mad == pytest.approx(2 * 1.4826)
     assert a == pytest.approx(7 / (2 * 1.4826)) and flagged == [0]
+    # even count, torch.median (BB, the default) = lower middle: median 8, |dev| = [6,0,2,4] -> 2
+    a, flagged, med, mad = mad_outliers([2.0, 8.0, 10.0, 12.0])
+    assert med == 8.0 and mad == pytest.approx(2 * 1.4826)
+    assert a == pytest.approx(6 / (2 * 1.4826)) and flagged == [0]
     # large norms are never flagged, however far away
     a, flagged, _, _ = mad_outliers([10.0, 10.5, 11.0, 100.0, 9.5])
     assert flagged == [] and a == pytest.approx(1.0 / (1.4826 * 0.5))
@@ -87,8 +91,9 @@ def test_mad_outliers_hand_computed():
 
 
 def test_nc_cost_schedule_follows_the_published_rules():
+    assert _Schedule(NeuralCleanse.Settings()).cost == pytest.approx(1e-3)  # BB: starts at init_cost
     s = NeuralCleanse.Settings(patience=2, init_cost=1e-3, cost_multiplier=2.0, attack_succ_threshold=0.99,
-                               early_stop_patience=3)
+                               early_stop_patience=3, reset_cost_to_zero=True, early_stop_threshold=1.0)
     sc = _Schedule(s)
     assert sc.cost == 0.0  # NC: RESET_COST_TO_ZERO
     assert sc.update(1.0, 500.0) is True and sc.cost == 0.0  # first success is kept
@@ -119,7 +124,7 @@ def test_nc_batched_classes_are_independent_problems():
     init = (torch.rand(3, 1, 32, 32, generator=g), torch.rand(3, 3, 32, 32, generator=g))
     # cost fixed at init_cost and no schedule move within 6 epochs (patience 10)
     s = NeuralCleanse.Settings(epochs=6, batch_size=16, init_cost=1e-2, reset_cost_to_zero=False,
-                               patience=10, early_stop=False)
+                               patience=10, early_stop=False, augment=False)
     batched = reverse_engineer(model, clean, None, s, seed=3, init=init)
     for k in range(3):
         alone = reverse_engineer(model, clean, [k], s, seed=3, init=init)
@@ -186,8 +191,11 @@ def test_nc_recovers_the_planted_target_and_trigger_neurons():
     assert norms[pl.target] <= 2 * 9
     assert all(norms[pl.target] < 0.1 * norms[c] for c in range(4) if c != pl.target)
     assert nc.report()["target"] == pl.target and len(nc.norms) == 4
-    med = statistics.median(norms.tolist())  # independent median / MAD (python's statistics)
-    mad = 1.4826 * statistics.median([abs(v - med) for v in norms.tolist()])
+    def lower_median(v):  # torch.median's convention (BackdoorBench), by hand
+        return sorted(v)[(len(v) - 1) // 2]
+
+    med = lower_median(norms.tolist())  # independent median / MAD
+    mad = 1.4826 * lower_median([abs(v - med) for v in norms.tolist()])
     assert nc.anomaly_index == pytest.approx((med - norms.min().item()) / mad, rel=1e-5)
     # the stamped trigger drives the planted last-layer channels: most of the top-k are planted
     k = len(pl.selection[pen])
@@ -313,9 +321,89 @@ def test_scores_cover_the_scope_deterministically_and_leave_the_model_alone(arch
 def test_settings_defaults_are_the_published_ones():
     nc = NeuralCleanse.Settings()
     assert (nc.lr, nc.betas, nc.init_cost, nc.patience, nc.cost_multiplier) == (0.1, (0.5, 0.9), 1e-3, 5, 2.0)
-    assert (nc.attack_succ_threshold, nc.early_stop_patience, nc.reset_cost_to_zero) == (0.99, 25, True)
+    assert (nc.attack_succ_threshold, nc.early_stop_patience, nc.reset_cost_to_zero) == (0.98, 25, False)
     assert (nc.epochs, nc.batch_size) == (80, 256)  # BackdoorBench's budget
     anp = ANP.Settings()
     assert (anp.eps, anp.steps, anp.alpha, anp.nb_iter, anp.batch_size, anp.lr, anp.momentum) == (
         0.4, 1, 0.2, 2000, 128, 0.2, 0.9)
     assert NeuralCleanse.scope == "penultimate" and ANP.scope == "all"
+
+
+# BackdoorBench's Neural Cleanse, the one source of NC's defaults (issue 11); values read from
+# SCLBD/BackdoorBench config/defense/nc/cifar10.yaml (yaml) and defense/nc.py (py).
+BACKDOORBENCH_NC = {
+    "epochs": 80,                    # yaml nc_epoch
+    "batch_size": 256,               # yaml batch_size
+    "lr": 0.1,                       # yaml mask_lr
+    "betas": (0.5, 0.9),             # py: torch.optim.Adam(..., betas=(0.5, 0.9))
+    "adam_eps": 1e-8,                # py: torch's Adam default
+    "init_cost": 1e-3,               # yaml init_cost
+    "cost_multiplier": 2.0,          # yaml cost_multiplier
+    "patience": 5,                   # yaml patience
+    "reset_cost_to_zero": False,     # py: each label's Recorder starts at init_cost
+    "attack_succ_threshold": 0.98,   # yaml atk_succ_threshold 98.0 (percent)
+    "early_stop": True,              # yaml early_stop
+    "early_stop_threshold": 0.99,    # yaml early_stop_threshold
+    "early_stop_patience": 25,       # yaml early_stop_patience
+    "tanh_eps": 1e-7,                # yaml EPSILON
+    "init": "ones",                  # py: np.ones mask and pattern init
+    "augment": True,                 # py: the clean subset uses the train transform (crop 4 + flip)
+    "mad_threshold": 2.0,            # py: anomaly index against 2
+    "mad_consistency": 1.4826,       # py: consistency constant
+    "median": "torch",               # py: torch.median (the lower middle value)
+    "unreached": "first",            # py: the first epoch's mask when the threshold is never reached
+}
+
+
+def test_nc_defaults_are_backdoorbenchs():
+    from localizers.nc import NeuralCleanse
+
+    got = NeuralCleanse().config()
+    for key, want in BACKDOORBENCH_NC.items():
+        assert got[key] == (list(want) if isinstance(want, tuple) and isinstance(got[key], list) else want), key
+
+
+def test_nc_median_conventions():
+    from localizers.nc import mad_outliers
+
+    norms = [10.0, 11.0, 12.0, 13.0, 2.0, 14.0, 15.0, 16.0, 17.0, 18.0]  # even count
+    # torch.median = lower middle = 13; np.median = 13.5
+    assert mad_outliers(norms, median="torch")[2] == float(torch.median(torch.tensor(norms)))
+    assert mad_outliers(norms, median="numpy")[2] == pytest.approx(float(np.median(norms)))
+
+
+def test_nc_unreached_class_keeps_its_first_epoch_mask_as_backdoorbench():
+    model = _tiny_vgg(3)
+    x, y = colour4(16, seed=5)
+    clean = CleanData(x, y % 3, 3)
+    never = dict(batch_size=8, attack_succ_threshold=2.0, early_stop=False)  # success is impossible
+    one = reverse_engineer(model, clean, None, NeuralCleanse.Settings(epochs=1, **never), seed=4)
+    three = reverse_engineer(model, clean, None, NeuralCleanse.Settings(epochs=3, **never), seed=4)
+    last = reverse_engineer(model, clean, None, NeuralCleanse.Settings(epochs=3, unreached="last", **never), seed=4)
+    assert not three.reached.any()
+    torch.testing.assert_close(three.masks, one.final_masks, atol=0, rtol=0)
+    torch.testing.assert_close(last.masks, three.final_masks, atol=0, rtol=0)
+    assert not torch.equal(three.masks, three.final_masks)
+
+
+def test_nc_ranks_the_pooled_feature_the_head_reads():
+    from localizers.nc import activation_gap
+
+    model = _tiny_vgg(3)
+    nm = NeuronMap(model)
+    x, y = colour4(12, seed=2)
+    clean = CleanData(x, y % 3, 3)
+    g = torch.Generator().manual_seed(0)
+    mask, pattern = torch.rand(1, 32, 32, generator=g), torch.rand(3, 32, 32, generator=g)
+    got = activation_gap(model, nm, nm.penultimate, clean, mask, pattern, batch_size=5)
+    # by hand: the VGG head reads flatten(max_pool2d(relu(BN(last conv)), 2)); stamped minus clean
+    xf = x.float() / 255
+    feats = {}
+    h = nm.bn(nm.penultimate).register_forward_hook(lambda m, i, o: feats.__setitem__("a", o))
+    with torch.no_grad():
+        pooled = []
+        for xin in (xf, (1 - mask) * xf + mask * pattern):
+            model(xin)
+            pooled.append(F.max_pool2d(torch.relu(feats["a"]), 2).flatten(1).double().mean(0))
+    h.remove()
+    torch.testing.assert_close(got.double(), pooled[1] - pooled[0], atol=1e-5, rtol=1e-5)

@@ -398,26 +398,35 @@ def test_top_k_selection_per_layer_budget():
     assert M.top_k_selection(scores, fault) == {"a": [1, 3], "c": [0]}
 
 
-def test_top_k_selection_ties_lower_index_first():
-    # all tied, k = 2 -> channels 0, 1
-    assert M.top_k_selection({"a": torch.zeros(4)}, {"a": [2, 3]}) == {"a": [0, 1]}
-    # 0.7 tied at channels 1, 2, 3 ; k = 2 -> 1, 2
-    s = {"a": torch.tensor([0.3, 0.7, 0.7, 0.7])}
-    for _ in range(3):  # deterministic
-        assert M.top_k_selection(s, {"a": [0, 3]}) == {"a": [1, 2]}
-    # a tie below a clear winner: 9 at channel 4, then 1.0 at channels 0, 2 ; k = 2 -> 0, 4 (sorted)
+def test_top_k_selection_breaks_ties_by_a_seeded_random_order_never_by_index():
+    # all tied, k = 2 of 4: a seeded random pair; the same seed gives the same pair
+    tied = {"a": torch.zeros(4)}
+    picks = [tuple(M.top_k_selection(tied, {"a": [2, 3]}, seed=s)["a"]) for s in range(400)]
+    assert all(M.top_k_selection(tied, {"a": [2, 3]}, seed=s)["a"] == list(p) for s, p in enumerate(picks[:20]))
+    # every channel is picked about half of the time (binomial(400, 0.5): ±5 sigma = ±50)
+    counts = [sum(c in p for p in picks) for c in range(4)]
+    assert all(150 <= n <= 250 for n in counts), counts
+    assert len(set(picks)) == 6  # all C(4,2) pairs occur
+    # a tie below a clear winner: 9 at channel 4, then 1.0 at channels 0 and 2; k = 2
     s = {"a": np.array([1.0, 0.0, 1.0, 0.5, 9.0])}
-    assert M.top_k_selection(s, {"a": [1, 3]}) == {"a": [0, 4]}
+    got = [M.top_k_selection(s, {"a": [1, 3]}, seed=seed)["a"] for seed in range(40)]
+    assert all(g in ([0, 4], [2, 4]) for g in got) and [0, 4] in got and [2, 4] in got
+    assert M.tied_layers(s, {"a": [1, 3]}) == ["a"]
+    assert M.tied_layers(s, {"a": [3]}) == []  # k = 1: the 9 alone, no tie at the cut
+    assert M.tied_layers({"a": torch.arange(4.0)}, {"a": [0, 1]}) == []
 
 
-def test_top_k_selection_large_layer_ties_deterministic():
-    # 600 channels with scores in {0,1,2}: the top-k must be the highest values first, ties
-    # by channel index — reference: sort keys (-score, index) in Python
+def test_top_k_selection_large_layer_ties_fill_from_the_tied_group():
+    # 600 channels with scores in {0,1,2}: every higher score is taken before any tied one, and
+    # the tied group at the cut supplies exactly the rest
     rng = np.random.default_rng(7)
     s = rng.integers(0, 3, size=600).astype(np.float32)
-    fault = {"l": sorted(rng.choice(600, size=50, replace=False).tolist())}
-    ref = sorted(sorted(range(600), key=lambda i: (-float(s[i]), i))[:50])
-    assert M.top_k_selection({"l": torch.from_numpy(s)}, fault) == {"l": ref}
+    fault = {"l": sorted(rng.choice(600, size=250, replace=False).tolist())}
+    got = set(M.top_k_selection({"l": torch.from_numpy(s)}, fault, seed=3)["l"])
+    above = {i for i in range(600) if s[i] == 2}
+    assert len(got) == 250 and above <= got and len(above) < 250
+    assert all(s[i] == 1 for i in got - above)
+    assert M.tied_layers({"l": torch.from_numpy(s)}, fault) == ["l"]
 
 
 def test_top_k_selection_budget_matches_fault_sizes():
