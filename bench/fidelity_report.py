@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rerun-bench", action="store_true", help="run the benchmark even if the results file exists")
     p.add_argument("--threads", type=int, help="torch threads (default: $BD4NN_THREADS, else every core)")
     p.add_argument("--data", help="dataset archive folder (default: $BD4NN_DATA, else ../shared/data)")
+    p.add_argument("--notes", type=Path, metavar="FILE",
+                   help="a Markdown file of analysis written by hand (e.g. why targets are missed), "
+                        "included under its own heading, marked as such")
     p.add_argument("--asr-target", type=float, default=0.95)
     p.add_argument("--ca-drop-target", type=float, default=0.08)
     args = p.parse_args(argv)
@@ -210,6 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         # results file holds a snapshot of them, and several files would count them twice)
         for key in ("I", "II", "III", "IV", "V", "VI"):
             body += [reports.render(tables[key], "md", provenance=False).rstrip(), ""]
+    if args.notes:
+        body += ["## Analysis (written by hand, not generated)", "",
+                 f"From `{args.notes}`; every figure it cites is in the generated sections above.", "",
+                 args.notes.read_text().strip(), ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(head + body) + "\n")
     print(f"fidelity_report: wrote {args.out}")
