@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import fcntl
 import fnmatch
+import math
 import os
 import sys
 import time
@@ -40,7 +41,8 @@ from bd4nn.inject import LEVELS, CandidateOutcome, candidate_selection, rank_by_
 from bd4nn.models import get_model, list_models
 from bd4nn.neurons import NeuronMap, Selection
 from bd4nn.runtime import place
-from bd4nn.train import benign_recipe, evaluate_ca, resolve_device, train
+from bd4nn.settings import SettingError, coerce_fields
+from bd4nn.train import TrainConfig, benign_recipe, evaluate_ca, resolve_device, train
 from bd4nn.verify import seeded_subset
 
 if sys.version_info >= (3, 11):
@@ -97,6 +99,21 @@ class Profile:
 
     def validate(self) -> "Profile":
         where = self.source or self.name
+        w = self.width
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or not 0 < w <= 64:
+            raise ProfileError(f"{where}: width must be a finite number in (0, 64], not {w!r}")
+        for key, low, optional in (("train_subset", 1, True), ("test_subset", 1, True), ("rc_images", 1, False),
+                                   ("seed", 0, False), ("target", 0, False)):
+            v = getattr(self, key)
+            if v is None and optional:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ProfileError(f"{where}: {key} must be a whole number >= {low}"
+                                   + (" (or absent)" if optional else "") + f", not {v!r}")
+        for key in ("datasets", "archs", "attacks", "levels"):
+            v = getattr(self, key)
+            if not isinstance(v, list) or not v or not all(isinstance(x, str) for x in v):
+                raise ProfileError(f"{where}: {key} must be a non-empty list of names, not {v!r}")
         known = {"archs": list_models(), "attacks": list_attacks(), "levels": list(LEVELS)}
         for key, options in known.items():
             bad = [v for v in getattr(self, key) if v not in options]
@@ -112,12 +129,14 @@ class Profile:
                                    f"({', '.join(list_models())})")
         for arch in self.archs:
             try:
+                coerce_fields(TrainConfig, self.benign_overrides(arch))
                 benign_recipe(arch, **self.benign_overrides(arch))
-            except (KeyError, TypeError) as exc:
+            except (KeyError, TypeError, SettingError) as exc:
                 raise ProfileError(f"{where}: [benign]: {exc}") from None
             try:
+                coerce_fields(InjectionRecipe, _per_arch(self.recipe, arch))
                 self.injection_recipe(arch)
-            except TypeError as exc:
+            except (TypeError, SettingError) as exc:
                 raise ProfileError(f"{where}: [recipe]: {exc}") from None
         for name, settings in self.attack.items():
             try:

@@ -9,6 +9,7 @@ set ``BD4NN_DEBUG=1`` to get the full traceback instead.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -29,6 +30,36 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 
 
+def number(kind: type, low: float | None = None, *, above: bool = False, high: float | None = None):
+    """An argparse ``type``: a finite ``int``/``float`` with bounds (``above``: strictly above ``low``).
+    ``int`` refuses "1.5"; ``float`` refuses inf and nan. The message names the problem."""
+    noun = "a whole number" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
+        if kind is float and not math.isfinite(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+        if low is not None and (value < low or (above and value == low)):
+            raise argparse.ArgumentTypeError(f"{text!r} must be {'>' if above else '>='} {low:g}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"{text!r} must be <= {high:g}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+class _Parser(argparse.ArgumentParser):
+    """One line for a usage mistake (argparse prints the whole usage block by default)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
     """Decorator registering ``fn(args) -> exit code`` as ``bd4nn NAME``."""
 
@@ -46,8 +77,9 @@ def _models_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("names", nargs="*", help="models to show (default: all registered)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--dataset", help="take the number of classes from this dataset (e.g. gtsrb)")
-    g.add_argument("--num-classes", type=int, default=10, help="number of classes (default 10)")
-    p.add_argument("--width", type=float, default=1.0, help="channel width multiplier (default 1.0)")
+    g.add_argument("--num-classes", type=number(int, 2), default=10, help="number of classes (default 10)")
+    p.add_argument("--width", type=number(float, 0, above=True, high=64), default=1.0,
+                   help="channel width multiplier (default 1.0)")
     p.add_argument("--layers", action="store_true", help="also list every neuron layer and its size")
 
 
@@ -91,8 +123,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
         help="a .tar.xz archive, an ImageFolder directory, or a folder holding <name>.tar.xz "
         "(default: $BD4NN_DATA, else torchvision download)",
     )
-    p.add_argument("--fraction", type=float, default=0.05, help="defenders' clean split (default 0.05)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the clean split (default 0)")
+    p.add_argument("--fraction", type=number(float, 0, above=True, high=1), default=0.05,
+                   help="defenders' clean split (default 0.05)")
+    p.add_argument("--seed", type=number(int, 0), default=0, help="seed of the clean split (default 0)")
     p.add_argument("--no-download", action="store_true", help="never fall back to torchvision download")
 
 
@@ -188,7 +221,7 @@ def _list(args: argparse.Namespace) -> int:
 
     from bd4nn.db import Database
 
-    lines = Database(args.db).entries(kept=None)
+    lines = Database(args.db, must_exist=True).entries(kept=None)
     if not lines:
         print(f"{args.db}: no entries")
         return 0
@@ -205,7 +238,7 @@ def _info(args: argparse.Namespace) -> int:
     from bd4nn.db import Database
     from bd4nn.results import database_summary
 
-    db = Database(args.db)
+    db = Database(args.db, must_exist=True)
     lines = db.entries(kept=None)
     if not lines:
         print(f"{args.db}: no entries")
@@ -237,9 +270,9 @@ def _secs(seconds: float | None) -> str:
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
     _db_args(p)
-    p.add_argument("--remeasure", type=int, default=0, metavar="N",
+    p.add_argument("--remeasure", type=number(int, 0), default=0, metavar="N",
                    help="also re-measure CA / ASR / ASR.Cor of N kept entries against their labels")
-    p.add_argument("--tolerance", type=float, default=0.02, help="allowed difference (default 0.02)")
+    p.add_argument("--tolerance", type=number(float, 0, high=1), default=0.02, help="allowed difference (default 0.02)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data", metavar="PATH", help="dataset archive folder (default: $BD4NN_DATA)")
 
@@ -248,7 +281,7 @@ def _verify_args(p: argparse.ArgumentParser) -> None:
 def _verify(args: argparse.Namespace) -> int:
     from bd4nn.db import Database
 
-    db = Database(args.db)
+    db = Database(args.db, must_exist=True)
     problems = db.verify()
     for p in problems:
         print(f"FAIL {p}")
@@ -285,8 +318,8 @@ def _localize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--localizer", required=True, help="fp, nc, anp, clp, deepmufl, slicer, pfl, random, ...")
     p.add_argument("--set", dest="settings", action="append", type=_setting, default=[], metavar="KEY=VALUE",
                    help="override a localizer setting (repeatable), e.g. --set steps=100")
-    p.add_argument("--clean-images", type=int, help="use only this many of the 5%% clean images")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clean-images", type=number(int, 1), help="use only this many of the 5%% clean images")
+    p.add_argument("--seed", type=number(int, 0), default=0)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     p.add_argument("--data", metavar="PATH", help="dataset archive folder (default: $BD4NN_DATA)")
 
@@ -299,7 +332,7 @@ def _localize(args: argparse.Namespace) -> int:
     from bd4nn.harness import load_context, localize, make_localizer
     from bd4nn.train import resolve_device
 
-    ctx = load_context(Database(args.db), args.entry, device=resolve_device(args.device), data_root=args.data,
+    ctx = load_context(Database(args.db, must_exist=True), args.entry, device=resolve_device(args.device), data_root=args.data,
                        clean_images=args.clean_images)
     loc = make_localizer(args.localizer, ctx.label, **dict(args.settings))
     res = localize(ctx, loc, seed=args.seed)
@@ -420,7 +453,7 @@ PASS_THROUGH = ("bench", "report")  # commands whose arguments go to pytest / py
 def build_parser() -> argparse.ArgumentParser:
     from bd4nn import __version__
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="bd4nn",
         description="Benchmark of neuron-level backdoor-defect localization in CNNs.",
     )
@@ -430,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=cmd.help, description=cmd.help)
         cmd.add_arguments(p)
         if name not in PASS_THROUGH:  # bench/report hand their options to pytest/reports
-            p.add_argument("--threads", type=int, default=None, metavar="N",
+            p.add_argument("--threads", type=number(int, 1), default=None, metavar="N",
                            help="torch CPU threads (default: $BD4NN_THREADS, else every core)")
         p.set_defaults(_run=cmd.run)
     return parser

@@ -547,9 +547,16 @@ def _state(model: nn.Module) -> dict[str, torch.Tensor]:
 class Database:
     """A bd4nn database rooted at ``root`` (created lazily, on the first write)."""
 
-    def __init__(self, root: str | os.PathLike) -> None:
+    def __init__(self, root: str | os.PathLike, *, must_exist: bool = False) -> None:
+        """``must_exist``: the folder must hold a database already (its ``index.jsonl``), as every
+        reader needs; a writer (``bd4nn build``) creates it. A path to a file is never a database."""
         self.root = Path(root).expanduser()
         self._index_cache: tuple[tuple[int, int, int], dict[str, dict]] | None = None
+        if self.root.exists() and not self.root.is_dir():
+            raise DatabaseError(f"{self.root}: is a file, not a database folder; give --db a folder")
+        if must_exist and not (self.root / INDEX).is_file():
+            what = "does not exist" if not self.root.exists() else "holds no bd4nn database (no index.jsonl)"
+            raise DatabaseError(f"{self.root}: {what}; build one with `bd4nn build --db {self.root}`")
 
     def __repr__(self) -> str:
         return f"Database({str(self.root)!r})"

@@ -25,7 +25,7 @@ from torch import nn
 
 from bd4nn.attacks.base import StampTrigger
 from bd4nn.data import ImageData, clean_split, load_dataset
-from bd4nn.db import Database, DefectLabel
+from bd4nn.db import Database, DefectLabel, bit_equal
 from bd4nn.metrics import (auroc, average_precision, flatten_scores, hits, selection_size, tied_layers,
                            top_k_selection, wji)
 from bd4nn.neurons import NeuronMap
@@ -174,9 +174,10 @@ def repair_case(ctx: EntryContext, selection: Mapping[str, list[int]], method: s
 
 
 def model_unchanged(before: Mapping[str, torch.Tensor], model: nn.Module) -> bool:
-    """Whether ``model``'s state equals a snapshot bit for bit (a localizer must not edit it)."""
+    """Whether ``model``'s state equals a snapshot bit for bit (a localizer must not edit it).
+    Bitwise, so a NaN weight that stayed NaN counts as unchanged (``torch.equal`` says NaN ≠ NaN)."""
     state = model.state_dict()
-    return all(torch.equal(before[k].cpu(), state[k].cpu()) for k in before)
+    return set(state) == set(before) and all(bit_equal(before[k].cpu(), state[k].cpu()) for k in before)
 
 
 def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:

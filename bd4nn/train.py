@@ -142,10 +142,22 @@ SCHEDULES: dict[str, Callable[[float, float], float]] = {
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
-    """``None``/"auto" → CUDA if available, else CPU."""
+    """``None``/"auto" → CUDA if available, else CPU. An unknown device, or a CUDA device this
+    machine does not have, is a ``ValueError`` that says so (not a torch error deep inside)."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or auto") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N or auto")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {str(device)!r}: no CUDA GPU is visible on this machine; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return dev
 
 
 def augment(

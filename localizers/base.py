@@ -38,6 +38,7 @@ from torch import nn
 
 from bd4nn.neurons import NeuronMap
 from bd4nn.runtime import to_float
+from bd4nn.settings import SettingError, coerce_fields
 
 __all__ = [
     "CleanData",
@@ -103,14 +104,18 @@ class Localizer:
         pass
 
     def __init__(self, **overrides: Any) -> None:
-        fields = {f.name for f in dataclasses.fields(self.Settings)}
-        unknown = sorted(set(overrides) - fields)
+        fields = {f.name: f for f in dataclasses.fields(self.Settings)}
+        unknown = sorted(set(overrides) - set(fields))
         if unknown:
             raise LocalizerError(
                 f"localizer {self.name!r} has no setting {', '.join(map(repr, unknown))}; "
                 f"its settings are {', '.join(sorted(fields)) or '(none)'}"
             )
-        self.settings = self.Settings(**overrides)
+        try:
+            checked = coerce_fields(self.Settings, overrides)
+        except SettingError as exc:
+            raise LocalizerError(f"localizer {self.name!r}: {exc}") from None
+        self.settings = self.Settings(**checked)
 
     # ------------------------------------------------------------------ interface
     def layers(self, neuron_map: NeuronMap) -> list[str]:
