@@ -87,7 +87,12 @@ def pytest_configure(config: pytest.Config) -> None:
         return
     from bench.session import BenchSession  # noqa: PLC0415 (only for benchmark runs)
 
-    session = BenchSession.from_config(config, build=not _is_worker(config))
+    from bd4nn.cli import _user_errors  # noqa: PLC0415
+
+    try:
+        session = BenchSession.from_config(config, build=not _is_worker(config))
+    except (ValueError, *_user_errors()) as exc:  # a bad --db, --profile or --baseline
+        raise pytest.UsageError(f"bd4nn: {exc}") from None
     config._bd4nn = session  # type: ignore[attr-defined]
     if not _is_worker(config):
         config.pluginmanager.register(session.recorder(), "bd4nn-results")

@@ -172,8 +172,25 @@ class Baseline:
 
     @classmethod
     def load(cls, path: str | os.PathLike, **tolerances: float) -> "Baseline":
-        cases = {case_key(ln): ln for ln in read(path) if ln.get("kind") == "case" and ln.get("outcome") == "passed"}
+        """A results or baseline file's passed cases; ``wji`` and ``time_s`` must be finite
+        numbers (or null) and each case needs a ``nodeid``, else a ``ValueError`` names the line."""
+        cases = {}
+        for i, ln in enumerate(read(path), 1):
+            if ln.get("kind") != "case":
+                continue
+            if not isinstance(ln.get("nodeid"), str) or not ln.get("case"):
+                raise ValueError(f"{path}: case {i} has no nodeid/case: not a bd4nn results file")
+            for key in ("wji", "time_s"):
+                v = ln.get(key)
+                if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
+                    raise ValueError(f"{path}: case {ln['nodeid']}: {key} must be a finite number, not {v!r}")
+            if ln.get("outcome") == "passed":
+                cases[case_key(ln)] = ln
         return cls(cases, source=str(path), **tolerances)
+
+    def matching(self, keys: Iterable[str]) -> int:
+        """How many of ``keys`` (``case_key`` strings) the baseline has a reference for."""
+        return sum(1 for k in keys if k in self.cases)
 
     def compare(self, case: Mapping[str, Any]) -> list[Regression]:
         """Regressions of ``case`` against the baseline (empty: fine or not in the baseline)."""

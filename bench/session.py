@@ -84,6 +84,11 @@ class BenchSession:
     # ------------------------------------------------------------------ setup
     @classmethod
     def from_config(cls, config: pytest.Config, *, build: bool) -> "BenchSession":
+        baseline = None  # read first: a bad baseline fails before any database is built
+        if config.getoption("--baseline"):
+            baseline = Baseline.load(config.getoption("--baseline"), wji_tol=config.getoption("wji_tolerance"),
+                                     time_factor=config.getoption("time_factor"),
+                                     time_slack=config.getoption("time_slack"))
         db_opt = config.getoption("--db") or os.environ.get("BD4NN_DB")
         prof_opt = config.getoption("--profile")
         if db_opt:
@@ -125,11 +130,14 @@ class BenchSession:
                 f"no benchmark cases: {db_path} has {kept} kept entries"
                 + (f" and none matches --entries {','.join(patterns)}" if patterns and kept else "")
                 + " (`bd4nn info` shows the database)")
-        baseline = None
-        if config.getoption("--baseline"):
-            baseline = Baseline.load(config.getoption("--baseline"), wji_tol=config.getoption("wji_tolerance"),
-                                     time_factor=config.getoption("time_factor"),
-                                     time_slack=config.getoption("time_slack"))
+        if baseline is not None:
+            keys = [f"localization:{loc}-{e}" for e in ids for loc in locs]
+            keys += [f"repair:{loc}-{rep}-{e}" for e in ids for loc in locs for rep in repairs]
+            if build and not baseline.matching(keys):
+                config.issue_config_time_warning(pytest.PytestConfigWarning(
+                    f"bd4nn: the baseline {config.getoption('--baseline')} has no reference for any of these "
+                    f"{len(keys)} cases (another database or profile?): nothing is compared against it"),
+                    stacklevel=2)
         results = config.getoption("--results")
         run = time.strftime("%Y%m%d-%H%M%S")
         results_path = Path(results) if results else ROOT / "results" / f"{run}.jsonl"
