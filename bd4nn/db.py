@@ -73,6 +73,7 @@ import json
 import math
 import os
 import re
+import stat
 import tempfile
 import warnings
 from collections.abc import Iterator, Mapping
@@ -342,13 +343,47 @@ def _atomic_write(path: Path, data: bytes) -> None:
     _fsync_dir(path.parent)
 
 
-def _read(path: Path, what: str) -> bytes:
+# Size caps of the files whose size no index line records (a JSON record, the index itself).
+MAX_RECORD_BYTES = 16 * 2**20
+MAX_INDEX_BYTES = 1 * 2**30
+
+
+def _read(path: Path, what: str, *, root: Path | None = None, max_bytes: int | None = None) -> bytes:
+    """The bytes of a database file, read safely (issue 12, class 3): it must be a *regular*
+    file (a FIFO or a device is refused before it is opened, so nothing blocks or reads
+    forever), under ``root`` once symlinks are resolved (no escape through a link), and at most
+    ``max_bytes`` long (the size the index records, or a cap)."""
     try:
-        return path.read_bytes()
+        real = path.resolve(strict=True)
     except FileNotFoundError:
         raise DatabaseError(f"{path}: {what} is missing; {REBUILD}") from None
+    except (OSError, RuntimeError) as exc:  # a symlink loop
+        raise DatabaseError(f"{path}: cannot resolve {what} ({exc}); {REBUILD}") from None
+    if root is not None:
+        base = Path(root).resolve()
+        if real != base and base not in real.parents:
+            raise DatabaseError(f"{path}: {what} points outside the database ({real}); refused; {REBUILD}")
+    try:
+        st = os.stat(real)
+        if not stat.S_ISREG(st.st_mode):
+            raise DatabaseError(f"{path}: {what} is not a regular file (a FIFO, device or folder); "
+                                f"refused; {REBUILD}")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise DatabaseError(f"{path}: {what} is {st.st_size} bytes, more than the {max_bytes} "
+                                f"expected; {REBUILD}")
+        with open(real, "rb") as fh:
+            data = fh.read(max_bytes + 1 if max_bytes is not None else -1)
     except OSError as exc:
         raise DatabaseError(f"{path}: cannot read {what} ({exc.strerror}); {REBUILD}") from None
+    if max_bytes is not None and len(data) > max_bytes:
+        raise DatabaseError(f"{path}: {what} grew past the {max_bytes} bytes expected; {REBUILD}")
+    return data
+
+
+def _size(info: dict) -> int | None:
+    """The byte count an index line records for a file (None if it records none)."""
+    n = info.get("bytes")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n >= 0 else None
 
 
 def _check_hash(path: Path, data: bytes, expected: str | None) -> str:
@@ -616,7 +651,7 @@ class Database:
                 f"{rpath}: no benign parent for {dataset}/{arch} in {self.root}; "
                 f"build it with `bd4nn build` (dataset {dataset}, arch {arch})"
             )
-        raw = _read(rpath, "the benign record")
+        raw = _read(rpath, "the benign record", root=self.root, max_bytes=MAX_RECORD_BYTES)
         if verify:
             _check_hash(rpath, raw, expected_sha)
         doc = _parse_json(raw, rpath, "the benign record")
@@ -644,7 +679,8 @@ class Database:
     def _read_benign_state(self, dataset: str, arch: str, weights: dict, *, verify: bool,
                            expected_sha: str | None = None) -> tuple[dict[str, torch.Tensor], bytes]:
         wpath = self.benign_path(dataset, arch)
-        blob = _read(wpath, "the benign parent's weights")
+        blob = _read(wpath, "the benign parent's weights", root=self.root,
+                     max_bytes=weights.get("bytes") if isinstance(weights.get("bytes"), int) else None)
         if verify:
             _check_hash(wpath, blob, weights["sha256"])
             if expected_sha is not None:
@@ -716,7 +752,7 @@ class Database:
         key = (st.st_ino, st.st_size, st.st_mtime_ns)
         if self._index_cache is not None and self._index_cache[0] == key:
             return self._index_cache[1]
-        raw = _read(path, "the index")
+        raw = _read(path, "the index", root=self.root, max_bytes=MAX_INDEX_BYTES)
         lines = raw.split(b"\n")
         if lines and lines[-1] == b"":
             lines.pop()
@@ -923,7 +959,7 @@ class Database:
 
     def _load_label(self, line: dict, *, verify: bool) -> DefectLabel:
         lpath, info = self._file(line, "label")
-        raw = _read(lpath, f"the label of {line['id']}")
+        raw = _read(lpath, f"the label of {line['id']}", root=self.root, max_bytes=_size(info))
         if verify:
             _check_hash(lpath, raw, info["sha256"])
         label = DefectLabel.from_json(raw, source=str(lpath))
@@ -953,7 +989,7 @@ class Database:
             label.dataset, label.arch, verify=verify, expected_sha=rinfo["sha256"])
         parent, _ = self._read_benign_state(
             label.dataset, label.arch, weights, verify=verify, expected_sha=pinfo["sha256"])
-        blob = _read(wpath, f"the weights of {id}")
+        blob = _read(wpath, f"the weights of {id}", root=self.root, max_bytes=_size(winfo))
         if verify:
             _check_hash(wpath, blob, winfo["sha256"])
         tensors, meta = _st_load(blob, wpath, "delta")
@@ -1009,10 +1045,11 @@ class Database:
                    disable=not progress, dynamic_ncols=True)
         try:
             for path, (expected, _) in checks.items():
-                if not path.is_file():
-                    problems.append(f"{path}: missing; {REBUILD}")
+                try:  # the same safe read as loading: regular files under the root only
+                    got = sha256_bytes(_read(path, "a database file", root=self.root))
+                except DatabaseError as exc:
+                    problems.append(str(exc))
                 else:
-                    got = sha256_file(path)
                     if got != expected:
                         problems.append(
                             f"{path}: sha256 mismatch (expected {expected}, got {got}): the file was "
@@ -1030,9 +1067,9 @@ class Database:
                 try:
                     _, weights, _ = self._read_benign_record(dataset, arch, verify=True)
                     wpath = self.benign_path(dataset, arch)
-                    if not wpath.is_file():
-                        problems.append(f"{wpath}: missing; {REBUILD}")
-                    elif (got := sha256_file(wpath)) != weights["sha256"]:
+                    got = sha256_bytes(_read(wpath, "the benign parent's weights", root=self.root,
+                                             max_bytes=_size(weights)))
+                    if got != weights["sha256"]:
                         problems.append(
                             f"{wpath}: sha256 mismatch (expected {weights['sha256']}, got {got}): the "
                             f"file was modified or is corrupt; {REBUILD}")

@@ -483,7 +483,7 @@ def test_missing_file_and_unknown_id_are_clear_errors(built):
     wpath.unlink()
     with pytest.raises(DatabaseError, match=rf"{wpath.name}: the weights of {id} is missing"):
         db.load_entry(id)
-    assert db.verify(progress=False) == [f"{wpath}: missing; rebuild with `bd4nn build` or restore it"]
+    assert db.verify(progress=False) == [f"{wpath}: a database file is missing; rebuild with `bd4nn build` or restore it"]
 
 
 def test_label_naming_an_unknown_layer_is_refused(built, tmp_path):
