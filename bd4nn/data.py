@@ -33,7 +33,9 @@ Cache: the first load decodes the images and stores the tensors in
 ``$BD4NN_CACHE`` or ``~/.cache/bd4nn``). The key is the sha256 of the archive's bytes, of the
 folder's file list (relative paths, sizes, mtimes), or of the torchvision name and root. The file
 is written to a temporary name and moved into place with ``os.replace``; a cache file that fails
-to load or does not match is rebuilt. No pickle is read or written anywhere.
+to load or does not match is rebuilt. The file also stores a sha256 of its decoded tensors,
+checked on every load, so a tampered or corrupt cache is rebuilt, never used silently. No pickle
+is read or written anywhere.
 
 The defenders' clean data is one seeded random 5% of the training set: :func:`clean_split` and
 :func:`defender_data` (METHODS.md section 1).
@@ -547,6 +549,17 @@ def _cache_path(cache_dir: Path, name: str, digest: str) -> Path:
     return cache_dir / "datasets" / f"{safe}-{digest[:16]}.safetensors"
 
 
+def _content_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the decoded tensors (names, dtypes, shapes and bytes, in a fixed order): the
+    cache is checked against it on every load, so a tampered cache is rebuilt, never used."""
+    h = hashlib.sha256()
+    for k in ("train_x", "train_y", "test_x", "test_y"):
+        t = tensors[k].contiguous()
+        h.update(f"{k}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def _read_cache(path: Path, digest: str) -> tuple[Splits, str] | None:
     """The cached tensors, or None if the file is absent, unreadable or does not match."""
     if not path.is_file():
@@ -569,6 +582,8 @@ def _read_cache(path: Path, digest: str) -> tuple[Splits, str] | None:
                 raise ValueError("labels do not match images")
             if len(y) and not 0 <= int(y.min()) <= int(y.max()) < len(classes):
                 raise ValueError("labels out of range")
+        if meta.get("content_sha256") != _content_sha256(t):  # tampered or corrupt tensors
+            raise ValueError("its tensors do not match the hash stored with them")
         splits = (t["train_x"], t["train_y"], t["test_x"], t["test_y"], classes)
         return splits, meta.get("source", "")
     except Exception as e:
@@ -591,7 +606,7 @@ def _write_cache(path: Path, digest: str, splits: Splits, source: str, name: str
         }
         meta = {
             "format": CACHE_FORMAT, "sha256": digest, "name": name,
-            "classes": json.dumps(classes), "source": source,
+            "classes": json.dumps(classes), "source": source, "content_sha256": _content_sha256(tensors),
         }
         save_file(tensors, tmp, metadata=meta)
         os.chmod(tmp, stat.S_IRUSR | stat.S_IWUSR | stat.S_IRGRP | stat.S_IROTH)
