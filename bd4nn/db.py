@@ -324,9 +324,20 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temp file beside ``path``, fsync it, then ``os.replace`` it."""
+def _under_root(path: Path, root: Path) -> None:
+    """Refuse a path that, once symlinks are resolved, leaves the database root (issue 12: names
+    are never paths, and a linked folder inside the database must not carry writes out of it)."""
+    base, real = Path(root).resolve(), Path(path).resolve()
+    if real != base and base not in real.parents:
+        raise DatabaseError(f"{path}: resolves to {real}, outside the database {base}; refused")
+
+
+def _atomic_write(path: Path, data: bytes, root: Path) -> None:
+    """Write ``data`` to a temp file beside ``path``, fsync it, then ``os.replace`` it; ``path``
+    must stay under ``root`` once symlinks are resolved."""
+    _under_root(path, root)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _under_root(path, root)  # again: a folder created through a link
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -639,9 +650,9 @@ class Database:
         doc["format"] = FORMAT
         doc["weights"] = {"file": BENIGN_WEIGHTS, "sha256": sha256_bytes(blob), "bytes": len(blob)}
         doc["content_sha256"] = sha256_bytes(_canonical(doc))
-        _atomic_write(wpath, blob)
+        _atomic_write(wpath, blob, self.root)
         _atomic_write(self.benign_record_path(record.dataset, record.arch),
-                      (json.dumps(doc, sort_keys=True, indent=1) + "\n").encode())
+                      (json.dumps(doc, sort_keys=True, indent=1) + "\n").encode(), self.root)
 
     def _read_benign_record(self, dataset: str, arch: str, *, verify: bool,
                             expected_sha: str | None = None) -> tuple[BenignRecord, dict, bytes]:
@@ -782,6 +793,9 @@ class Database:
         first; a valid last line that lacks its newline gets one.
         """
         path = self.root / INDEX
+        if path.is_symlink() or (path.exists() and not path.is_file()):
+            raise DatabaseError(f"{path}: the index must be a regular file in the database, not a link "
+                                "or a special file; refused")
         data = (json.dumps(line, sort_keys=True, separators=(",", ":")) + "\n").encode()
         with open(path, "a+b") as fh:
             size = fh.seek(0, os.SEEK_END)
@@ -911,12 +925,12 @@ class Database:
                                        for k, v in trigger_tensors.items()}}
                 blob = _st_save(tensors, {"format": DELTA_FORMAT, "id": label.id,
                                           "parent_sha256": parent_info["sha256"]})
-                _atomic_write(wpath, blob)
+                _atomic_write(wpath, blob, self.root)
                 weights_info = {"path": self._rel(wpath), "sha256": sha256_bytes(blob), "bytes": len(blob)}
                 nbytes = len(blob)
             else:
                 _validate_selection(self._skeleton(record), label, lpath)
-            _atomic_write(lpath, text)
+            _atomic_write(lpath, text, self.root)
             line = {
                 "format": FORMAT,
                 **{k: getattr(label, k) for k in (
