@@ -32,7 +32,8 @@ from tabulate import tabulate  # noqa: E402
 from bd4nn.build import build, load_profile, plan  # noqa: E402
 from bd4nn.db import Database  # noqa: E402
 from bd4nn.results import database_summary, git_hash  # noqa: E402
-from bd4nn.runtime import cpu_cores, set_threads  # noqa: E402
+from bd4nn.runtime import cpu_cores  # noqa: E402
+from bench.options import add_machine_options, parse  # noqa: E402
 
 
 def _machine() -> str:
@@ -118,17 +119,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="with --no-build: a command that built the database (repeatable; shown in the header)")
     p.add_argument("--skip-bench", action="store_true", help="database sections only")
     p.add_argument("--rerun-bench", action="store_true", help="run the benchmark even if the results file exists")
-    p.add_argument("--threads", type=int, help="torch threads (default: $BD4NN_THREADS, else every core)")
-    p.add_argument("--data", help="dataset archive folder (default: $BD4NN_DATA, else ../shared/data)")
+    add_machine_options(p, data_help="dataset archive folder (default: $BD4NN_DATA, else ../shared/data)")
     p.add_argument("--notes", type=Path, metavar="FILE",
                    help="a Markdown file of analysis written by hand (e.g. why targets are missed), "
                         "included under its own heading, marked as such")
     p.add_argument("--asr-target", type=float, default=0.95)
     p.add_argument("--ca-drop-target", type=float, default=0.08)
-    args = p.parse_args(argv)
+    args = parse(p, argv)
     command = "python bench/fidelity_report.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
-    set_threads(args.threads)
     profile = load_profile(args.profile)
     data = args.data or os.environ.get("BD4NN_DATA") or str(ROOT.parent / "shared" / "data")
     t0 = time.perf_counter()

@@ -54,7 +54,8 @@ from bd4nn.db import Database, entry_id  # noqa: E402
 from bd4nn.harness import load_context, localize, make_localizer  # noqa: E402
 from bd4nn.inject import LEVELS  # noqa: E402
 from bd4nn.results import directory_lines, header  # noqa: E402
-from bd4nn.runtime import PeakMemory, amp_enabled, set_threads, threads  # noqa: E402
+from bd4nn.runtime import PeakMemory, amp_enabled, threads  # noqa: E402
+from bench.options import add_machine_options, parse  # noqa: E402
 from bd4nn.train import resolve_device  # noqa: E402
 
 ARCH, DATASET = "vgg13", "cifar10"
@@ -222,12 +223,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="folder for the results, tables and database")
     p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--toy", action="store_true", help="CPU-sized rehearsal (module docstring)")
-    p.add_argument("--data", help="folder holding cifar10.tar.xz (default: see module docstring)")
     p.add_argument("--inject-share", type=float, default=0.3, help="share of the time left after (a) that (b) may take (0.3)")
     p.add_argument("--max-candidates", type=int, default=16, help="at most this many candidates (16)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
-    args = p.parse_args(argv)
-    set_threads(args.threads)
+    add_machine_options(p, data_help="folder holding cifar10.tar.xz (default: see module docstring)")
+    args = parse(p, argv)
     dev = resolve_device(args.device)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True

@@ -34,7 +34,8 @@ from tabulate import tabulate  # noqa: E402
 from bd4nn.build import load_profile  # noqa: E402
 from bd4nn.db import Database  # noqa: E402
 from bd4nn.harness import load_context, localize, make_localizer  # noqa: E402
-from bd4nn.runtime import BF16_ENV, set_threads, threads  # noqa: E402
+from bd4nn.runtime import BF16_ENV, threads  # noqa: E402
+from bench.options import add_machine_options, parse  # noqa: E402
 
 
 def _has_amp(name: str) -> bool:
@@ -79,11 +80,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--entries", default="*", help="comma-separated shell patterns of kept entries (default: all)")
     p.add_argument("--profile", help="take localizer settings and clean_images from this profile's [bench]")
     p.add_argument("--localizers", help="comma-separated (default: every registered one with an amp setting)")
-    p.add_argument("--data", help="dataset archive folder (default: $BD4NN_DATA)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--out", type=Path, help="also write the table as markdown here")
-    args = p.parse_args(argv)
-    set_threads(args.threads)
+    add_machine_options(p)
+    args = parse(p, argv)
 
     db = Database(args.db)
     patterns = args.entries.split(",")

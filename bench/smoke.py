@@ -51,7 +51,8 @@ from bd4nn.db import Database, entry_id  # noqa: E402
 from bd4nn.harness import EntryContext, localize, make_localizer, repair_case  # noqa: E402
 from bd4nn.neurons import NeuronMap  # noqa: E402
 from bd4nn.repair import FinetuneSettings, list_repairs  # noqa: E402
-from bd4nn.runtime import PeakMemory, amp_enabled, place, set_threads, threads  # noqa: E402
+from bd4nn.runtime import PeakMemory, amp_enabled, place, threads  # noqa: E402
+from bench.options import add_machine_options, parse  # noqa: E402
 from bd4nn.train import resolve_device  # noqa: E402
 
 LIMIT_MIB = 16 * 1024
@@ -160,11 +161,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=2, help="benign steps (512 images); the injection takes 2x (256)")
     p.add_argument("--width", type=float, default=1.0, help="channel width (default 1.0; less only to test this script)")
     p.add_argument("--device", default="auto", help="cpu, cuda (default: cuda if present)")
-    p.add_argument("--data", help="dataset archive folder (default: $BD4NN_DATA)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     p.add_argument("--out", type=Path, help="folder for smoke.jsonl (written after every stage) and smoke.md")
-    args = p.parse_args(argv)
-    set_threads(args.threads)
+    add_machine_options(p)
+    args = parse(p, argv)
     dev = resolve_device(args.device)
     out = args.out
     if out:

@@ -433,8 +433,8 @@ def activation_gap(
     size = neuron_map.sizes[layer]
     sums = torch.zeros(2, size, dtype=torch.float64, device=dev)
     count = 0
-    head = neuron_map.head()
-    if feature == "head" and head.in_features != size:
+    head = neuron_map.head() if feature == "head" else None
+    if head is not None and head.in_features != size:
         raise LocalizerError(f"nc: the head reads {head.in_features} features but {layer} has {size} channels; "
                              "use feature='neuron' for this model")
     feats: list[torch.Tensor] = []
