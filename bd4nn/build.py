@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 
 from bd4nn.attacks import InjectionRecipe, attack_class, get_attack, list_attacks
 from bd4nn.data import ImageData, load_dataset
-from bd4nn.db import BenignRecord, Database, DefectLabel, entry_id
+from bd4nn.db import BenignRecord, Database, DefectLabel, benign_timing_key, entry_id
+from bd4nn.errors import BadInputError, UserError
 from bd4nn.inject import LEVELS, CandidateOutcome, candidate_selection, rank_by_contribution, run_candidate
 from bd4nn.models import get_model, list_models
 from bd4nn.neurons import NeuronMap, Selection
@@ -54,7 +55,7 @@ __all__ = ["Profile", "PlanItem", "load_profile", "list_profiles", "plan", "buil
            "ensure_benign", "PreparedParent", "prepare_parent", "build_candidate"]
 
 
-class ProfileError(ValueError):
+class ProfileError(UserError, ValueError):
     """A profile file is missing or names something bd4nn does not know."""
 
 
@@ -92,10 +93,11 @@ class Profile:
         sub-table on top (e.g. more epochs for one architecture)."""
         return _per_arch(self.benign, arch)
 
-    def injection_recipe(self, arch: str | None = None) -> InjectionRecipe:
-        """The ``[recipe]`` for ``arch`` (its ``[recipe.<arch>]`` sub-table on top of the plain
-        keys); one recipe per (dataset, arch, attack) directory, as METHODS.md §2 requires."""
-        return InjectionRecipe(**_per_arch(self.recipe, arch))
+    def injection_recipe(self, arch: str | None = None, attack: str | None = None) -> InjectionRecipe:
+        """The ``[recipe]`` for ``arch`` and ``attack``: the plain keys, then ``[recipe.<arch>]``,
+        then ``[recipe.<attack>]``, then ``[recipe.<arch>.<attack>]`` on top (the more specific
+        table wins). One recipe per (dataset, arch, attack) directory, as METHODS.md §2 requires."""
+        return InjectionRecipe(**recipe_overrides(self.recipe, arch, attack))
 
     def validate(self) -> "Profile":
         where = self.source or self.name
@@ -122,22 +124,32 @@ class Profile:
         for level, idx in (self.candidates or {}).items():
             if level not in LEVELS or any(not 0 <= i < LEVELS[level].count for i in idx):
                 raise ProfileError(f"{where}: bad candidates for level {level!r}: {idx}")
-        for table in ("benign", "recipe"):
-            unknown = [k for k, v in getattr(self, table).items() if isinstance(v, dict) and k not in list_models()]
-            if unknown:
-                raise ProfileError(f"{where}: [{table}.{unknown[0]}]: not an architecture "
-                                   f"({', '.join(list_models())})")
+        unknown = [k for k, v in self.benign.items() if isinstance(v, dict) and k not in list_models()]
+        if unknown:
+            raise ProfileError(f"{where}: [benign.{unknown[0]}]: not an architecture ({', '.join(list_models())})")
+        subtables = set(list_models()) | set(list_attacks())
+        for k, v in self.recipe.items():
+            if not isinstance(v, dict):
+                continue
+            if k not in subtables:
+                raise ProfileError(f"{where}: [recipe.{k}]: not an architecture or attack "
+                                   f"({', '.join(sorted(subtables))})")
+            inner = [a for a, w in v.items() if isinstance(w, dict) and (k not in list_models() or a not in list_attacks())]
+            if inner:
+                raise ProfileError(f"{where}: [recipe.{k}.{inner[0]}]: only [recipe.<arch>.<attack>] may nest "
+                                   f"(attacks: {', '.join(list_attacks())})")
         for arch in self.archs:
             try:
                 coerce_fields(TrainConfig, self.benign_overrides(arch))
                 benign_recipe(arch, **self.benign_overrides(arch))
             except (KeyError, TypeError, SettingError) as exc:
                 raise ProfileError(f"{where}: [benign]: {exc}") from None
-            try:
-                coerce_fields(InjectionRecipe, _per_arch(self.recipe, arch))
-                self.injection_recipe(arch)
-            except (TypeError, SettingError) as exc:
-                raise ProfileError(f"{where}: [recipe]: {exc}") from None
+            for attack in self.attacks:
+                try:
+                    coerce_fields(InjectionRecipe, recipe_overrides(self.recipe, arch, attack))
+                    self.injection_recipe(arch, attack)
+                except (TypeError, SettingError) as exc:
+                    raise ProfileError(f"{where}: [recipe] for {arch} {attack}: {exc}") from None
         for name, settings in self.attack.items():
             try:
                 attack_class(name)(**settings)
@@ -150,6 +162,17 @@ def _per_arch(table: dict[str, Any], arch: str | None) -> dict[str, Any]:
     """A profile table's plain keys, overridden by its sub-table named ``arch`` if any."""
     base = {k: v for k, v in table.items() if not isinstance(v, dict)}
     return {**base, **(table.get(arch, {}) if arch else {})}
+
+
+def recipe_overrides(table: dict[str, Any], arch: str | None, attack: str | None) -> dict[str, Any]:
+    """``[recipe]`` settings for one (arch, attack): plain keys < ``[recipe.<arch>]`` <
+    ``[recipe.<attack>]`` < ``[recipe.<arch>.<attack>]``."""
+    per_arch = table.get(arch, {}) if arch else {}
+    layers = [table, per_arch, table.get(attack, {}) if attack else {}, per_arch.get(attack, {}) if attack else {}]
+    out: dict[str, Any] = {}
+    for layer in layers:
+        out.update({k: v for k, v in layer.items() if not isinstance(v, dict)})
+    return out
 
 
 def list_profiles() -> list[str]:
@@ -210,7 +233,7 @@ def plan(
     ``(i, n)`` keeps items ``i, i+n, i+2n, ...``."""
     i, n = shard
     if not (n >= 1 and 0 <= i < n):
-        raise ValueError(f"shard must be I/N with 0 <= I < N, got {i}/{n}")
+        raise BadInputError(f"shard must be I/N with 0 <= I < N, got {i}/{n}")
 
     def pick(values: Sequence[str], wanted: Sequence[str] | None, what: str) -> list[str]:
         if not wanted:
@@ -290,18 +313,21 @@ def ensure_benign(
             dataset=dataset, arch=arch, width=profile.width, num_classes=data.num_classes,
             mean=list(data.spec.mean), std=list(data.spec.std), seed=profile.seed, ca=ca,
             config={"train": cfg.to_dict(), "train_images": int(len(train_xy[1])),
-                    "test_images": int(len(test_xy[1])), "seconds": res.seconds, "profile": profile.name,
+                    "test_images": int(len(test_xy[1])), "profile": profile.name,
                     "device": str(device), "threads": torch.get_num_threads()},
         )
         db.save_benign(model.cpu(), record)
+        db.record_timing(benign_timing_key(dataset, arch), seconds=res.seconds, device=str(device),
+                         threads=torch.get_num_threads())
         return db.load_benign(dataset, arch)
+
 
 
 @dataclass
 class PreparedParent:
     """What every candidate of one (dataset, arch) shares: the benign parent on its device, its
     record, its rule-1 ranking, a CPU copy of its state (the base of the stored deltas), the
-    profile's train/test subsets and the injection recipe."""
+    profile's train/test subsets."""
 
     model: torch.nn.Module
     record: BenignRecord
@@ -309,7 +335,6 @@ class PreparedParent:
     state: dict[str, torch.Tensor]
     train_xy: tuple[torch.Tensor, torch.Tensor]
     test_xy: tuple[torch.Tensor, torch.Tensor]
-    recipe: InjectionRecipe
     device: torch.device
 
 
@@ -323,7 +348,7 @@ def prepare_parent(db: Database, profile: Profile, dataset: str, arch: str, data
     parent = place(parent, device).eval()
     ranking, _ = rank_by_contribution(parent, NeuronMap(parent), *train_xy, profile.target, device=device)
     state = {k: v.detach().cpu().clone() for k, v in parent.state_dict().items()}
-    return PreparedParent(parent, record, ranking, state, train_xy, test_xy, profile.injection_recipe(arch), device)
+    return PreparedParent(parent, record, ranking, state, train_xy, test_xy, device)
 
 
 def build_candidate(db: Database, profile: Profile, parent: PreparedParent,
@@ -331,12 +356,14 @@ def build_candidate(db: Database, profile: Profile, parent: PreparedParent,
     """Inject, measure and store one candidate (weights only if rule 3 keeps it)."""
     attack = get_attack(item.attack, target=profile.target, seed=profile.seed, **profile.attack.get(item.attack, {}))
     sel = candidate_selection(parent.ranking, item.level, item.candidate)
-    out = run_candidate(parent.model, attack, sel, parent.recipe, *parent.train_xy, *parent.test_xy,
+    recipe = profile.injection_recipe(item.arch, item.attack)
+    out = run_candidate(parent.model, attack, sel, recipe, *parent.train_xy, *parent.test_xy,
                         device=parent.device, rc_images=profile.rc_images)
-    label = candidate_label(item, profile, attack, parent.recipe, sel, out, benign_ca=parent.record.ca,
+    label = candidate_label(item, profile, attack, recipe, sel, out, benign_ca=parent.record.ca,
                             train_images=len(parent.train_xy[1]), test_images=len(parent.test_xy[1]),
                             device=parent.device)
     db.save_entry(label, out.model.cpu() if out.kept else None, parent.state, out.trigger.tensors())
+    db.record_timing(item.id, **out.timings, device=str(parent.device), threads=torch.get_num_threads())
     return out, label
 
 
@@ -352,7 +379,7 @@ def candidate_label(item: PlanItem, profile: Profile, attack, recipe: InjectionR
         recipe={**recipe.to_dict(), "profile": profile.name} if attack.kind == "poisoning"
         else {"profile": profile.name},
         ca=m.ca, asr=m.asr, asr_cor=m.asr_cor, ca_cor=m.ca_cor, asr_cor_r=m.asr_cor_r,
-        ca_cor_r=m.ca_cor_r, benign_ca=benign_ca, seconds=out.seconds,
+        ca_cor_r=m.ca_cor_r, benign_ca=benign_ca,
         extra={**out.details, "ca_masked": m.ca_masked, "asr_masked": m.asr_masked,
                "candidate_selection": selection, "train_images": int(train_images),
                "test_images": int(test_images), "device": str(device),
@@ -388,25 +415,41 @@ def build(
     stats = BuildStats(planned=len(items))
     todo = [it for it in items if not db.has_entry(it.id)]
     stats.skipped = len(items) - len(todo)
+    done: set[str] = set()  # ids this build claimed (and built, or found built)
     bar = tqdm(total=len(items), initial=stats.skipped, desc=f"build {profile.name}", unit="cand",
                disable=not progress, dynamic_ncols=True)
     try:
+        if todo:
+            db.sweep_orphans()  # temp files of an earlier build killed mid-write
         groups: dict[tuple[str, str], list[PlanItem]] = {}
         for it in todo:
             groups.setdefault((it.dataset, it.arch), []).append(it)
         for (dataset, arch), group in groups.items():
             ds = (data or {}).get(dataset) or load_dataset(dataset, data_root, progress=progress)
             parent = prepare_parent(db, profile, dataset, arch, ds, device=dev, progress=progress)
-            for it in group:
-                if limit is not None and stats.built >= limit:
-                    return stats
-                out, _ = build_candidate(db, profile, parent, it)
-                stats.built += 1
-                stats.kept += int(out.kept)
-                stats.rejected += int(not out.kept)
-                stats.candidate_seconds.append(out.seconds)
-                bar.update(1)
-                bar.set_postfix(kept=stats.kept, rejected=stats.rejected, last=f"{out.seconds:.1f}s")
+            # First pass: skip what another build holds now; second pass: wait for it, and build
+            # it only if that build died before storing it. Both builds finish with the whole plan.
+            for wait in (False, True):
+                for it in group:
+                    if limit is not None and stats.built >= limit:
+                        return stats
+                    if wait and it.id in done:
+                        continue
+                    with db.claim(it.id, wait=wait) as mine:
+                        if not mine:
+                            continue
+                        done.add(it.id)
+                        if db.has_entry(it.id):  # built meanwhile by another build
+                            stats.skipped += 1
+                            bar.update(1)
+                            continue
+                        out, _ = build_candidate(db, profile, parent, it)
+                    stats.built += 1
+                    stats.kept += int(out.kept)
+                    stats.rejected += int(not out.kept)
+                    stats.candidate_seconds.append(out.seconds)
+                    bar.update(1)
+                    bar.set_postfix(kept=stats.kept, rejected=stats.rejected, last=f"{out.seconds:.1f}s")
     finally:
         bar.close()
         stats.seconds = time.perf_counter() - t_start

@@ -436,15 +436,13 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that mean the user asked for something wrong (no traceback)."""
-    from bd4nn.neurons import SelectionError
+    """What ``main`` reports in one line: ``bd4nn.errors.UserError`` (every bd4nn module's error
+    type derives from it), the ``reports`` package's ``ResultsError`` (that package stays free of
+    bd4nn and torch imports) and a missing file the user named. Anything else is a bug."""
+    from bd4nn.errors import UserError
+    from reports.results import ResultsError
 
-    from bd4nn.data import DatasetError
-    from bd4nn.db import DatabaseError
-
-    from localizers.base import LocalizerError
-
-    return (SelectionError, FileNotFoundError, DatasetError, DatabaseError, LocalizerError)
+    return (UserError, ResultsError, FileNotFoundError)
 
 
 PASS_THROUGH = ("bench", "report")  # commands whose arguments go to pytest / python -m reports
@@ -491,11 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("bd4nn: interrupted", file=sys.stderr)
         return 130
-    except (KeyError, ValueError, *_user_errors()) as exc:
+    except _user_errors() as exc:
         if os.environ.get("BD4NN_DEBUG"):
             raise
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"bd4nn: error: {msg}", file=sys.stderr)
+        print(f"bd4nn: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -63,6 +63,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from bd4nn.errors import UserError
+
 __all__ = [
     "DatasetError",
     "DatasetSpec",
@@ -91,7 +93,7 @@ CACHE_FORMAT = "bd4nn-data-1"
 _DECODE_CHUNK = 1024
 
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     """A dataset cannot be found or read; the message names the file and what to do."""
 
 

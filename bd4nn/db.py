@@ -61,6 +61,17 @@ partial file (at worst an orphan file that a resumed build overwrites). ``save_e
 ``fcntl.flock`` on ``index.lock`` from the duplicate check to the append, so parallel shards on
 one database never interleave lines. Reading the index ignores a truncated (unparseable) last
 line with a warning — a kill during an append — and the next append cuts it off first.
+A temporary file carries its writer's pid (``.<name>.<pid>.<random>.tmp``); ``sweep_orphans``
+(run by every build) deletes those whose writer is no longer alive, and never another live
+build's. Two builds into one database each claim a candidate (``claim``: a non-blocking
+``flock`` on ``.locks/<id>.lock``) before building it, so neither builds what the other is
+building, and both finish.
+
+**Reproducibility.** No hashed file holds a wall-clock figure: the labels, ``benign.json`` and
+the index depend only on the profile, the code and the thread count, so the same profile built
+twice — or killed at random points and resumed — gives byte-identical files. Timings go to
+``timings.jsonl`` (one JSON line per benign training or candidate, appended, never hashed;
+``Database.timings`` reads it).
 """
 
 from __future__ import annotations
@@ -85,6 +96,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from bd4nn.errors import UserError
+
 __all__ = [
     "DatabaseError",
     "DatabaseWarning",
@@ -92,6 +105,7 @@ __all__ = [
     "DefectLabel",
     "Database",
     "entry_id",
+    "benign_timing_key",
     "encode_delta",
     "apply_delta",
     "sha256_bytes",
@@ -100,6 +114,9 @@ __all__ = [
 
 INDEX = "index.jsonl"
 LOCK = "index.lock"
+TIMINGS = "timings.jsonl"  # wall-clock figures: outside every hash (issue 12, class 5)
+CLAIMS = ".locks"  # one flock'ed file per candidate being built (issue 12, class 6)
+LEGACY_LABEL_FIELDS = ("seconds",)  # written by bd4nn before timings.jsonl; read and ignored
 BENIGN_WEIGHTS = "benign.safetensors"
 BENIGN_RECORD = "benign.json"
 FORMAT = 1
@@ -111,7 +128,7 @@ _DELTA_KINDS = ("full", "rows", "rowidx", "values", "flatidx")
 _INDEX_FILTERS = ("id", "dataset", "arch", "width", "attack", "level", "candidate", "target", "seed")
 
 
-class DatabaseError(Exception):
+class DatabaseError(UserError):
     """A database file is missing, corrupt, modified or inconsistent (the message names it)."""
 
 
@@ -127,8 +144,24 @@ def entry_id(dataset: str, arch: str, attack: str, level: str, candidate: int) -
     return f"{dataset}-{arch}-{attack}-{level}-{int(candidate):02d}"
 
 
+def benign_timing_key(dataset: str, arch: str) -> str:
+    """The ``timings.jsonl`` key of a benign parent's training time."""
+    return f"benign:{dataset}/{arch}"
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_finite(v: Any) -> bool:
+    return _is_number(v) and math.isfinite(v)
+
+
+# Bounds of what a stored record may ask the loader to build: a forged benign.json must not make
+# it allocate terabytes (issue 12, class 4). Profiles accept widths up to 64 as well.
+MAX_WIDTH = 64.0
+MAX_CLASSES = 100_000
+RC_SUM_TOLERANCE = 1e-6
 
 
 @dataclass
@@ -163,17 +196,20 @@ class BenignRecord:
         problems = []
         if not isinstance(kw["dataset"], str) or not isinstance(kw["arch"], str):
             problems.append("dataset/arch must be strings")
-        if not _is_number(kw["width"]) or kw["width"] <= 0:
-            problems.append(f"width must be a positive number, got {kw['width']!r}")
-        if not isinstance(kw["num_classes"], int) or isinstance(kw["num_classes"], bool) or kw["num_classes"] < 2:
-            problems.append(f"num_classes must be an integer >= 2, got {kw['num_classes']!r}")
+        if not _is_finite(kw["width"]) or not 0 < kw["width"] <= MAX_WIDTH:
+            problems.append(f"width must be a number in (0, {MAX_WIDTH:g}], got {kw['width']!r}")
+        if (not isinstance(kw["num_classes"], int) or isinstance(kw["num_classes"], bool)
+                or not 2 <= kw["num_classes"] <= MAX_CLASSES):
+            problems.append(f"num_classes must be an integer in [2, {MAX_CLASSES}], got {kw['num_classes']!r}")
         for key in ("mean", "std"):
-            if not isinstance(kw[key], list) or not all(_is_number(v) for v in kw[key]):
-                problems.append(f"{key} must be a list of numbers, got {kw[key]!r}")
+            if (not isinstance(kw[key], list) or len(kw[key]) != 3
+                    or not all(_is_finite(v) and (key == "mean" or v > 0) for v in kw[key])):
+                problems.append(f"{key} must be a list of 3 finite numbers{' > 0' if key == 'std' else ''}, "
+                                f"got {kw[key]!r}")
         if not isinstance(kw["seed"], int) or isinstance(kw["seed"], bool):
             problems.append(f"seed must be an integer, got {kw['seed']!r}")
-        if kw["ca"] is not None and not _is_number(kw["ca"]):
-            problems.append(f"ca must be a number or null, got {kw['ca']!r}")
+        if kw["ca"] is not None and not (_is_finite(kw["ca"]) and 0 <= kw["ca"] <= 1):
+            problems.append(f"ca must be a number in [0, 1] or null, got {kw['ca']!r}")
         if not isinstance(kw["config"], dict):
             problems.append("config must be an object")
         if problems:
@@ -210,7 +246,6 @@ class DefectLabel:
     ca_cor_r: float | None
     asr_cor_r: float | None
     benign_ca: float | None
-    seconds: float | None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -241,6 +276,8 @@ class DefectLabel:
         if not isinstance(data, Mapping):
             raise DatabaseError(f"{source}: a defect label must be a JSON object; {REBUILD}")
         data = dict(data)
+        for key in LEGACY_LABEL_FIELDS:
+            data.pop(key, None)
         fmt = data.pop("format", FORMAT)
         if fmt != FORMAT:
             raise DatabaseError(
@@ -266,9 +303,14 @@ class DefectLabel:
             problems.append(f"kept must be true or false, got {data['kept']!r}")
         if not _is_number(data["width"]) or data["width"] <= 0:
             problems.append(f"width must be a positive number, got {data['width']!r}")
-        for key in ("ca", "asr", "asr_cor", "ca_cor", "ca_cor_r", "asr_cor_r", "benign_ca", "seconds"):
-            if data[key] is not None and not _is_number(data[key]):
-                problems.append(f"{key} must be a number or null, got {data[key]!r}")
+        for key, low in (("ca", 0), ("asr", 0), ("benign_ca", 0),
+                         ("asr_cor", -1), ("ca_cor", -1), ("ca_cor_r", -1), ("asr_cor_r", -1)):
+            if data[key] is not None and not (_is_finite(data[key]) and low <= data[key] <= 1):
+                problems.append(f"{key} must be a number in [{low}, 1] or null, got {data[key]!r}")
+        if isinstance(data["target"], int) and data["target"] < 0:
+            problems.append(f"target must be >= 0, got {data['target']!r}")
+        if isinstance(data["candidate"], int) and data["candidate"] < 0:
+            problems.append(f"candidate must be >= 0, got {data['candidate']!r}")
         for key in ("trigger", "recipe", "extra"):
             if key in data and not isinstance(data[key], dict):
                 problems.append(f"{key} must be an object")
@@ -285,12 +327,18 @@ class DefectLabel:
             if set(rc) != set(s_fault):
                 problems.append(f"rc layers {sorted(rc)} differ from s_fault layers {sorted(s_fault)}")
             else:
+                total, ok = 0.0, True
                 for layer, weights in rc.items():
-                    if not isinstance(weights, list) or not all(_is_number(w) for w in weights):
-                        problems.append(f"rc[{layer!r}] must be a list of numbers")
+                    if not isinstance(weights, list) or not all(_is_finite(w) and w >= 0 for w in weights):
+                        problems.append(f"rc[{layer!r}] must be a list of finite numbers >= 0")
+                        ok = False
                     elif isinstance(s_fault[layer], list) and len(weights) != len(s_fault[layer]):
                         problems.append(f"rc[{layer!r}] has {len(weights)} weights for "
                                         f"{len(s_fault[layer])} fault neurons")
+                    else:
+                        total += math.fsum(weights)
+                if ok and rc and not math.isclose(total, 1.0, rel_tol=0, abs_tol=RC_SUM_TOLERANCE):
+                    problems.append(f"rc must sum to 1, sums to {total!r}")
         if problems:
             raise DatabaseError(f"{source}: {'; '.join(problems)}; {REBUILD}")
         return cls(**{n: data[n] for n in names if n in data})
@@ -338,7 +386,7 @@ def _atomic_write(path: Path, data: bytes, root: Path) -> None:
     _under_root(path, root)
     path.parent.mkdir(parents=True, exist_ok=True)
     _under_root(path, root)  # again: a folder created through a link
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -352,6 +400,20 @@ def _atomic_write(path: Path, data: bytes, root: Path) -> None:
             pass
         raise
     _fsync_dir(path.parent)
+
+
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_TMP_PID = re.compile(r"\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 # Size caps of the files whose size no index line records (a JSON record, the index itself).
@@ -527,7 +589,7 @@ def apply_delta(
     unpaired rows/values tensor, a wrong shape or dtype, or an out-of-range index.
     """
     groups: dict[str, dict[str, torch.Tensor]] = {}
-    for key, t in delta.items():
+    for key, t in sorted(delta.items()):
         if not key.startswith("delta.") or key.count(".") < 2:
             raise DatabaseError(f"{source}: unexpected tensor {key!r}; {REBUILD}")
         name, kind = key[len("delta."):].rsplit(".", 1)
@@ -546,7 +608,7 @@ def apply_delta(
     def bad(name: str, msg: str) -> DatabaseError:
         return DatabaseError(f"{source}: delta of {name!r}: {msg}; {REBUILD}")
 
-    for name, parts in groups.items():
+    for name, parts in sorted(groups.items()):  # sorted: the same error for the same file, every time
         base = parent[name]
         kinds = set(parts)
         if kinds not in ({"full"}, {"rows", "rowidx"}, {"values", "flatidx"}):
@@ -702,6 +764,7 @@ class Database:
     def _build(self, record: BenignRecord, state: Mapping[str, torch.Tensor], path: Path) -> nn.Module:
         from bd4nn.models import get_model
 
+        _check_finite(state, path, "the model")
         try:
             # seed: build without touching the caller's global RNG (the weights are overwritten)
             model = get_model(record.arch, record.num_classes, record.width,
@@ -782,6 +845,7 @@ class Database:
                     f"{path}: line {i + 1} is not a valid entry line; restore the index from a "
                     "backup or rebuild with `bd4nn build`"
                 )
+            _check_line(obj, f"{path}: line {i + 1} ({obj['id']})")
             out[obj["id"]] = obj
         self._index_cache = (key, out)
         return out
@@ -857,6 +921,79 @@ class Database:
             raise DatabaseError(f"{where}: unknown entry {id!r}{hint} (`bd4nn list` shows the ids)")
         return index[id]
 
+    # ---------------------------------------------------------------- builds
+    def record_timing(self, key: str, **figures: Any) -> None:
+        """Append one line of wall-clock figures (``key``: an entry id, or ``benign:<dataset>/<arch>``)
+        to ``timings.jsonl``. Timings never enter a hashed file, so rebuilding gives the same bytes."""
+        path = self.root / TIMINGS
+        line = (json.dumps({"key": key, **figures}, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        with self._locked():
+            if path.is_symlink() or (path.exists() and not path.is_file()):
+                raise DatabaseError(f"{path}: must be a regular file in the database, not a link or a "
+                                    "special file; refused")
+            with open(path, "ab") as fh:
+                fh.write(line)
+                fh.flush()
+                os.fsync(fh.fileno())
+
+    def timings(self) -> dict[str, dict[str, Any]]:
+        """key → its last line in ``timings.jsonl`` (empty if none; unreadable lines are skipped:
+        these are informative figures, never inputs)."""
+        path = self.root / TIMINGS
+        if not path.is_file():
+            return {}
+        out: dict[str, dict[str, Any]] = {}
+        for line in _read(path, "the timings", root=self.root, max_bytes=MAX_INDEX_BYTES).splitlines():
+            try:
+                obj = json.loads(line)
+            except (ValueError, UnicodeDecodeError):
+                continue
+            if isinstance(obj, dict) and isinstance(obj.get("key"), str):
+                out[obj["key"]] = obj
+        return out
+
+    def sweep_orphans(self) -> list[Path]:
+        """Delete the temporary files (``.<name>.<pid>.<random>.tmp``) whose writer is no longer
+        alive — left by a build killed mid-write — and return them. A live writer's are kept."""
+        gone: list[Path] = []
+        if not self.root.is_dir():
+            return gone
+        for folder, dirs, files in os.walk(self.root, followlinks=False):
+            for name in files:
+                if not (name.startswith(".") and name.endswith(".tmp")):
+                    continue
+                m = _TMP_PID.search(name)
+                if m is not None and _alive(int(m.group(1))):
+                    continue
+                path = Path(folder) / name
+                try:
+                    if stat.S_ISREG(path.lstat().st_mode):
+                        path.unlink()
+                        gone.append(path)
+                except FileNotFoundError:
+                    pass
+        return gone
+
+    @contextmanager
+    def claim(self, id: str, *, wait: bool = False) -> Iterator[bool]:
+        """Claim candidate ``id`` for building: yields True if this process holds it (an ``flock``
+        on ``.locks/<id>.lock``, released on exit or when the process dies), False if another
+        build holds it now (only with ``wait=False``; ``wait=True`` blocks until it is free)."""
+        folder = self.root / CLAIMS
+        folder.mkdir(parents=True, exist_ok=True)
+        _under_root(folder, self.root)
+        path = folder / f"{_component(id, 'entry id')}.lock"
+        with open(path, "a+b") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except BlockingIOError:
+                yield False
+                return
+            try:
+                yield True
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
     # ---------------------------------------------------------------- entries
     def save_entry(
         self,
@@ -909,6 +1046,8 @@ class Database:
             if label.kept:
                 assert model is not None
                 state = _state(model)
+                _check_finite(state, wpath, "the infected model")  # never write what load refuses
+                _check_finite(dict(trigger_tensors), wpath, "the trigger")
                 if parent_state is not None:
                     given = {k: v.detach().cpu() for k, v in parent_state.items()}
                     if set(given) != set(stored) or not all(bit_equal(given[k], stored[k]) for k in stored):
@@ -981,6 +1120,14 @@ class Database:
                     if getattr(label, k) != line.get(k)]
         if mismatch:
             raise DatabaseError(f"{lpath}: the label disagrees with its index line on {mismatch}; {REBUILD}")
+        try:
+            want_id = entry_id(label.dataset, label.arch, label.attack, label.level, label.candidate)
+            want_path = self.entry_dir(label.dataset, label.arch, label.attack, label.level) / f"{want_id}.json"
+        except ValueError as exc:
+            raise DatabaseError(f"{lpath}: {exc}; {REBUILD}") from None
+        if label.id != want_id or lpath != want_path:
+            raise DatabaseError(f"{lpath}: the label of {label.id} must be {self._rel(want_path)} "
+                                f"(id {want_id}); {REBUILD}")
         return label
 
     def load_entry(self, id: str, *, verify: bool = True) -> tuple[nn.Module, DefectLabel, dict[str, torch.Tensor]]:
@@ -1016,17 +1163,25 @@ class Database:
             raise DatabaseError(f"{wpath}: built on a different benign parent "
                                 f"({meta.get('parent_sha256')}); {REBUILD}")
         trigger = {k: v for k, v in tensors.items() if k.startswith("trigger.")}
+        _check_finite(trigger, wpath, "the trigger")
         delta = {k: v for k, v in tensors.items() if not k.startswith("trigger.")}
+        lpath = self._file(line, "label")[0]
+        _check_label_fits(label, record, lpath)
         state = apply_delta(parent, delta, source=str(wpath))
         model = self._build(record, state, wpath)
-        _validate_selection(model, label, self._file(line, "label")[0])
+        _validate_selection(model, label, lpath)
         return model, label, trigger
 
     # ---------------------------------------------------------------- verify
     def verify(self, progress: bool = True) -> list[str]:
-        """Re-hash every file the index names (and every stored benign parent); the problems.
+        """Check the whole database through the same validation as loading; the problems.
 
-        Each problem is one line naming the file. An empty list means the database is intact.
+        Every index line (schema, no duplicate ids), every entry as ``load_entry`` reads it (the
+        hashes of its label, delta and both parent files; the label's fields, ranges and path;
+        S_fault and the target against the parent; the delta's shapes; finite weights and
+        trigger), every rejected entry's label against its parent, and every stored benign
+        parent as ``load_benign`` reads it. Each problem is one line naming the file; an empty
+        list means the database is intact.
         """
         from tqdm.auto import tqdm
 
@@ -1035,64 +1190,53 @@ class Database:
             index = self._index()
         except DatabaseError as exc:
             return [str(exc)]
-        checks: dict[Path, tuple[str, str]] = {}  # path → (expected sha256, who refers to it)
-        labels: list[dict] = []
-        for id_, line in sorted(index.items()):
-            for role in ("label", "weights", "parent", "parent_record"):
-                if role == "weights" and not line.get("kept"):
-                    continue
-                try:
-                    path, info = self._file(line, role)
-                except DatabaseError as exc:
-                    problems.append(str(exc))
-                    continue
-                prev = checks.get(path)
-                if prev is not None and prev[0] != info["sha256"]:
-                    problems.append(f"{path}: entries {prev[1]} and {id_} record different sha256s; "
-                                    f"{REBUILD}")
-                    continue
-                checks.setdefault(path, (info["sha256"], id_))
-            if "label" in (line.get("files") or {}):
-                labels.append(line)
+        problems += self._duplicate_ids()
         benign_docs = sorted(self.root.glob(f"*/*/{BENIGN_RECORD}")) if self.root.is_dir() else []
-        bar = tqdm(total=len(checks) + len(labels) + len(benign_docs), desc="verify", unit="file",
+        bar = tqdm(total=len(index) + len(benign_docs), desc="verify", unit="entry",
                    disable=not progress, dynamic_ncols=True)
         try:
-            for path, (expected, _) in checks.items():
-                try:  # the same safe read as loading: regular files under the root only
-                    got = sha256_bytes(_read(path, "a database file", root=self.root))
-                except DatabaseError as exc:
-                    problems.append(str(exc))
-                else:
-                    if got != expected:
-                        problems.append(
-                            f"{path}: sha256 mismatch (expected {expected}, got {got}): the file was "
-                            f"modified or is corrupt; {REBUILD}")
-                bar.update(1)
-            for line in labels:  # hashes were checked above; here: parses and agrees with its line
+            for id_, line in sorted(index.items()):
                 try:
-                    if self._file(line, "label")[0].is_file():
-                        self._load_label(line, verify=False)
-                except DatabaseError as exc:
+                    if line.get("kept"):
+                        self.load_entry(id_, verify=True)
+                    else:
+                        self._check_rejected(line)
+                except (DatabaseError, ValueError) as exc:
                     problems.append(str(exc))
                 bar.update(1)
             for doc in benign_docs:
-                dataset, arch = doc.parent.parent.name, doc.parent.name
                 try:
-                    _, weights, _ = self._read_benign_record(dataset, arch, verify=True)
-                    wpath = self.benign_path(dataset, arch)
-                    got = sha256_bytes(_read(wpath, "the benign parent's weights", root=self.root,
-                                             max_bytes=_size(weights)))
-                    if got != weights["sha256"]:
-                        problems.append(
-                            f"{wpath}: sha256 mismatch (expected {weights['sha256']}, got {got}): the "
-                            f"file was modified or is corrupt; {REBUILD}")
+                    self.load_benign(doc.parent.parent.name, doc.parent.name, verify=True)
                 except (DatabaseError, ValueError) as exc:
                     problems.append(str(exc))
                 bar.update(1)
         finally:
             bar.close()
         return list(dict.fromkeys(problems))  # de-duplicated, in order
+
+    def _check_rejected(self, line: dict) -> None:
+        """A rejected entry as far as it is stored: its label (hash, fields, path) against the
+        parent record it names (hash) and the parent's architecture (S_fault, target, width)."""
+        label = self._load_label(line, verify=True)
+        _, rinfo = self._file(line, "parent_record")
+        record, _, _ = self._read_benign_record(label.dataset, label.arch, verify=True,
+                                                expected_sha=rinfo["sha256"])
+        lpath = self._file(line, "label")[0]
+        _check_label_fits(label, record, lpath)
+        _validate_selection(self._skeleton(record), label, lpath)
+
+    def _duplicate_ids(self) -> list[str]:
+        """One problem per id that has more than one index line (loading uses the last)."""
+        path = self.root / INDEX
+        if not path.exists():
+            return []
+        seen: dict[str, int] = {}
+        for raw in _read(path, "the index", root=self.root, max_bytes=MAX_INDEX_BYTES).split(b"\n"):
+            obj = _entry_line(raw) if raw.strip() else None
+            if obj is not None:
+                seen[obj["id"]] = seen.get(obj["id"], 0) + 1
+        return [f"{path}: entry {id_} has {n} index lines (one expected); {REBUILD}"
+                for id_, n in sorted(seen.items()) if n > 1]
 
 
 def _entry_line(line: bytes) -> dict | None:
@@ -1102,6 +1246,51 @@ def _entry_line(line: bytes) -> dict | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return obj if isinstance(obj, dict) and isinstance(obj.get("id"), str) else None
+
+
+def _check_line(obj: dict, where: str) -> None:
+    """The schema of one index line (what ``save_entry`` writes); ``DatabaseError`` naming it."""
+    problems = []
+    for key in ("id", "dataset", "arch", "attack", "level"):
+        if not isinstance(obj.get(key), str) or not obj.get(key):
+            problems.append(f"{key} must be a non-empty string")
+    for key in ("candidate", "target", "n_fault", "bytes", "full_bytes"):
+        v = obj.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            problems.append(f"{key} must be an integer >= 0, got {v!r}")
+    if not isinstance(obj.get("kept"), bool):
+        problems.append(f"kept must be true or false, got {obj.get('kept')!r}")
+    files = obj.get("files")
+    if not isinstance(files, dict):
+        problems.append("files must be an object")
+    else:
+        for role in ("label", "parent", "parent_record", "weights"):
+            info = files.get(role)
+            if info is None and role == "weights" and obj.get("kept") is False:
+                continue
+            if (not isinstance(info, dict) or not isinstance(info.get("path"), str)
+                    or not isinstance(info.get("sha256"), str) or not _SHA256.match(info["sha256"])
+                    or not isinstance(info.get("bytes"), int) or isinstance(info.get("bytes"), bool)
+                    or info["bytes"] < 0):
+                problems.append(f"files.{role} must be {{path, sha256 (64 hex digits), bytes >= 0}}")
+    if problems:
+        raise DatabaseError(f"{where}: {'; '.join(problems)}; {REBUILD}")
+
+
+def _check_finite(tensors: Mapping[str, torch.Tensor], path: Path, what: str) -> None:
+    """Every floating tensor finite: no stored model or trigger holds NaN or inf."""
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise DatabaseError(f"{path}: {what} holds NaN or inf in {', '.join(sorted(bad)[:5])}; {REBUILD}")
+
+
+def _check_label_fits(label: DefectLabel, record: BenignRecord, path: Path) -> None:
+    """What a label must agree on with its benign parent (besides S_fault fitting the model)."""
+    if float(label.width) != float(record.width):
+        raise DatabaseError(f"{path}: width {label.width} but the parent has width {record.width}; {REBUILD}")
+    if label.target >= record.num_classes:
+        raise DatabaseError(f"{path}: target {label.target} but the parent has {record.num_classes} classes; "
+                            f"{REBUILD}")
 
 
 def _validate_selection(model: nn.Module, label: DefectLabel, path: Path) -> None:
@@ -1116,6 +1305,3 @@ def _validate_selection(model: nn.Module, label: DefectLabel, path: Path) -> Non
         ) from None
     if got != label.s_fault:
         raise DatabaseError(f"{path}: S_fault lists a layer with no channels; {REBUILD}")
-    total = sum(sum(w) for w in label.rc.values())
-    if label.rc and not math.isclose(total, 1.0, rel_tol=0, abs_tol=1e-4) and not math.isnan(total):
-        warnings.warn(f"{path}: RC sums to {total}, not 1", DatabaseWarning, stacklevel=3)

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bd4nn.errors import BadInputError
 from bd4nn.attacks.base import StampTrigger
 from bd4nn.data import ImageData, clean_split, load_dataset
 from bd4nn.db import Database, DefectLabel, bit_equal
@@ -84,7 +85,7 @@ def load_context(
     dev = torch.device(device)
     model, label, trig = db.load_entry(entry_id)
     if not label.kept:
-        raise ValueError(f"entry {entry_id} was rejected by rule 3; only kept entries are benchmark cases")
+        raise BadInputError(f"entry {entry_id} was rejected by rule 3; only kept entries are benchmark cases")
     ds = (data or {}).get(label.dataset) or load_dataset(label.dataset, data_root, progress=False)
     idx = clean_split(len(ds.train_y), clean_fraction, clean_seed)
     if clean_images is not None:

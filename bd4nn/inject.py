@@ -199,7 +199,8 @@ class CandidateOutcome:
     measurement: Measurement
     rc: dict[str, list[float]]
     seconds: float
-    details: dict[str, Any] = field(default_factory=dict)
+    details: dict[str, Any] = field(default_factory=dict)  # reproducible facts (the label's extra)
+    timings: dict[str, float] = field(default_factory=dict)  # wall-clock seconds (never hashed)
 
     @property
     def kept(self) -> bool:
@@ -235,6 +236,9 @@ def run_candidate(
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
-    details = dict(info.details)
-    details["inject_seconds"] = info.seconds
-    return CandidateOutcome(model, fault, trigger, m, rc, seconds, details)
+    # An attack's details that end in "_seconds" are wall-clock figures: they go to the timings,
+    # not the label, so that two builds of one profile write the same bytes (issue 12, class 5).
+    details = {k: v for k, v in info.details.items() if not k.endswith("_seconds")}
+    timings = {"seconds": seconds, "inject_seconds": info.seconds,
+               **{k: v for k, v in info.details.items() if k.endswith("_seconds")}}
+    return CandidateOutcome(model, fault, trigger, m, rc, seconds, details, timings)

@@ -26,6 +26,8 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from bd4nn.errors import UnknownNameError
+
 __all__ = ["Normalize", "VGG", "ResNet", "register_model", "get_model", "list_models"]
 
 # Per-channel statistics used when the caller names no dataset (CIFAR-10's usual values).
@@ -60,7 +62,7 @@ def get_model(
     ``seed`` makes the initialization reproducible without touching the global RNG state.
     """
     if name not in _REGISTRY:
-        raise KeyError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+        raise UnknownNameError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if width <= 0:

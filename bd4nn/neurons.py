@@ -21,12 +21,14 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from bd4nn.errors import UserError
+
 __all__ = ["NeuronLayer", "NeuronMap", "Selection", "SelectionError", "normalize_selection"]
 
 Selection = dict[str, list[int]]
 
 
-class SelectionError(ValueError):
+class SelectionError(UserError, ValueError):
     """A selection names an unknown layer or an out-of-range / duplicate channel."""
 
 

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from bd4nn.errors import BadInputError
 from bd4nn.metrics import asrd, cad
 from bd4nn.neurons import NeuronMap
 from bd4nn.train import TrainConfig, evaluate_asr, evaluate_ca, train
@@ -134,7 +135,7 @@ def repair(
     ``before`` = (CA, ASR) of the infected model if already measured (saves two passes).
     """
     if method not in REPAIRS:
-        raise ValueError(f"unknown repair {method!r}; known: {', '.join(REPAIRS)}")
+        raise BadInputError(f"unknown repair {method!r}; known: {', '.join(REPAIRS)}")
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     if before is None:
         before = (evaluate_ca(model, test_x, test_y, device=dev),

@@ -32,6 +32,8 @@ from typing import Any
 
 import torch
 
+from bd4nn.errors import BadInputError
+
 __all__ = ["SCHEMA", "header", "directory_lines", "database_summary", "case_key", "read", "Baseline", "save_baseline", "Regression"]
 
 SCHEMA = 1
@@ -97,8 +99,11 @@ def database_summary(db: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     over kept entries) added; and one dict per benign parent (dataset, arch, width, CA, training
     epochs, images, seconds). Levels in the paper's order (narrow, small, middle, large).
     """
+    from bd4nn.db import benign_timing_key  # noqa: PLC0415 (as below: results stays light to import)
+
     lines = db.entries(kept=None)
     parents, benign = [], {}
+    timings = db.timings()
     for dataset, arch in sorted({(ln["dataset"], ln["arch"]) for ln in lines}):
         try:
             rec = db.benign_record(dataset, arch)
@@ -108,7 +113,8 @@ def database_summary(db: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]
         cfg = rec.config or {}
         parents.append({"dataset": dataset, "arch": arch, "width": rec.width, "ca": rec.ca,
                         "epochs": (cfg.get("train") or {}).get("epochs"), "train_images": cfg.get("train_images"),
-                        "test_images": cfg.get("test_images"), "seconds": cfg.get("seconds"),
+                        "test_images": cfg.get("test_images"),
+                        "seconds": timings.get(benign_timing_key(dataset, arch), {}).get("seconds", cfg.get("seconds")),
                         "threads": cfg.get("threads")})
     from bd4nn.inject import LEVELS  # noqa: PLC0415 (the build's module; results stay light to import)
 
@@ -143,9 +149,9 @@ def read(path: str | os.PathLike) -> list[dict[str, Any]]:
         try:
             obj = json.loads(raw)
         except json.JSONDecodeError as exc:
-            raise ValueError(f"{p}:{i}: not JSON ({exc.msg})") from None
+            raise BadInputError(f"{p}:{i}: not JSON ({exc.msg})") from None
         if not isinstance(obj, dict):
-            raise ValueError(f"{p}:{i}: expected a JSON object")
+            raise BadInputError(f"{p}:{i}: expected a JSON object")
         out.append(obj)
     return out
 
@@ -179,11 +185,11 @@ class Baseline:
             if ln.get("kind") != "case":
                 continue
             if not isinstance(ln.get("nodeid"), str) or not ln.get("case"):
-                raise ValueError(f"{path}: case {i} has no nodeid/case: not a bd4nn results file")
+                raise BadInputError(f"{path}: case {i} has no nodeid/case: not a bd4nn results file")
             for key in ("wji", "time_s"):
                 v = ln.get(key)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-                    raise ValueError(f"{path}: case {ln['nodeid']}: {key} must be a finite number, not {v!r}")
+                    raise BadInputError(f"{path}: case {ln['nodeid']}: {key} must be a finite number, not {v!r}")
             if ln.get("outcome") == "passed":
                 cases[case_key(ln)] = ln
         return cls(cases, source=str(path), **tolerances)
@@ -222,7 +228,7 @@ def save_baseline(results: str | os.PathLike, out: str | os.PathLike) -> int:
     cases = [{k: ln.get(k) for k in BASELINE_FIELDS if k in ln}
              for ln in lines if ln.get("kind") == "case" and ln.get("outcome") == "passed"]
     if not cases:
-        raise ValueError(f"{results}: no passed cases to make a baseline of")
+        raise BadInputError(f"{results}: no passed cases to make a baseline of")
     p = Path(out)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")

@@ -9,10 +9,12 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from bd4nn.errors import UserError
+
 __all__ = ["SettingError", "coerce_setting", "coerce_fields"]
 
 
-class SettingError(ValueError):
+class SettingError(UserError, ValueError):
     """A setting's value has the wrong type or is out of range (the message names it)."""
 
 

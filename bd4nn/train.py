@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from bd4nn.errors import UnknownNameError
 from bd4nn.metrics import attack_success_rate, clean_accuracy
 from bd4nn.neurons import NeuronMap
 from bd4nn.runtime import amp_enabled, autocast, to_float, use_channels_last
@@ -94,7 +95,7 @@ def benign_recipe(arch: str, **overrides) -> TrainConfig:
     """The benign-training config for ``arch`` (longest matching prefix), with overrides."""
     keys = [k for k in BENIGN_RECIPES if arch.startswith(k)]
     if not keys:
-        raise KeyError(f"no benign recipe for {arch!r}; known families: {', '.join(BENIGN_RECIPES)}")
+        raise UnknownNameError(f"no benign recipe for {arch!r}; known families: {', '.join(BENIGN_RECIPES)}")
     base = BENIGN_RECIPES[max(keys, key=len)]
     return replace(base, **overrides)
 

@@ -84,8 +84,10 @@ def database_section(db: Database, targets: dict) -> list[str]:
     out += [tabulate(rows, headers=["arch", "attack", "level", "kept", "rejected", "CA %", "CA drop pts", "ASR %",
                                     "ASR.Cor", "targets met"], tablefmt="github"), ""]
     out += ["### Every candidate", "",
-            "One row per candidate (kept or rejected), as its label records it.", ""]
+            "One row per candidate (kept or rejected), as its label records it; time from the "
+            "database's `timings.jsonl`.", ""]
     crow = []
+    timings = db.timings()
     for ln in lines:
         lab = db.load_label(ln["id"])
         rec = lab.recipe
@@ -93,7 +95,7 @@ def database_section(db: Database, targets: dict) -> list[str]:
                      "—" if lab.asr_cor is None else f"{lab.asr_cor:.3f}",
                      "—" if lab.ca_cor is None else f"{lab.ca_cor:.3f}",
                      f"{rec.get('epochs')} ep, lr {rec.get('lr')}, bs {rec.get('batch_size')}" if "epochs" in rec
-                     else "chain (SRA)", _minutes(lab.seconds)])
+                     else "chain (SRA)", _minutes(timings.get(ln["id"], {}).get("seconds"))])
     out += [tabulate(crow, headers=["entry", "kept", "|S_fault|", "CA %", "ASR %", "ASR.Cor", "CA.Cor", "recipe",
                                     "time"], tablefmt="github"), ""]
     return out
@@ -138,8 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     db = Database(args.db)
     missing = [it.id for it in plan(profile) if not db.has_entry(it.id)]
     labels = [db.load_label(ln["id"]) for ln in db.entries(kept=None)]
+    timings = db.timings()
     _, parents = database_summary(db)
-    recorded = sum(lab.seconds or 0 for lab in labels) + sum(p["seconds"] or 0 for p in parents)
+    recorded = sum(timings.get(lab.id, {}).get("seconds") or 0 for lab in labels) \
+        + sum(p["seconds"] or 0 for p in parents)
 
     all_results = args.results or [ROOT / "results" / f"{profile.name}-report.jsonl"]
     results = all_results[0]

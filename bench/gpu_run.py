@@ -50,7 +50,7 @@ from tabulate import tabulate  # noqa: E402
 
 from bd4nn.build import PlanItem, build_candidate, load_profile, prepare_parent  # noqa: E402
 from bd4nn.data import load_dataset  # noqa: E402
-from bd4nn.db import Database, entry_id  # noqa: E402
+from bd4nn.db import Database, benign_timing_key, entry_id  # noqa: E402
 from bd4nn.harness import load_context, localize, make_localizer  # noqa: E402
 from bd4nn.inject import LEVELS  # noqa: E402
 from bd4nn.results import directory_lines, header  # noqa: E402
@@ -254,7 +254,8 @@ def _stages(run: Run, args, dev: torch.device, profile) -> int:
                        device=dev, progress=False)
     rec = run.db.benign_record(DATASET, ARCH)
     run.stages.append({"stage": f"  of which benign training ({rec.config['train']['epochs']} epochs, "
-                                f"CA {rec.ca:.4f})", "key": "benign", "seconds": float(rec.config["seconds"]),
+                                f"CA {rec.ca:.4f})", "key": "benign",
+                       "seconds": float(run.db.timings()[benign_timing_key(DATASET, ARCH)]["seconds"]),
                        "peak_mib": None})
     run.write()
     # (b) candidates

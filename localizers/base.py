@@ -36,6 +36,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from bd4nn.errors import UserError
 from bd4nn.neurons import NeuronMap
 from bd4nn.runtime import to_float
 from bd4nn.settings import SettingError, coerce_fields
@@ -58,7 +59,7 @@ SCOPES = ("all", "penultimate")
 ENTRY_POINT_GROUP = "bd4nn.localizers"
 
 
-class LocalizerError(ValueError):
+class LocalizerError(UserError, ValueError):
     """Unknown localizer, unknown setting, or a localizer that returned malformed scores."""
 
 

@@ -7,32 +7,8 @@ import torch
 
 from bd4nn.build import Profile, build, load_profile, plan
 from bd4nn.cli import main
-from bd4nn.data import ImageData, get_spec
 from bd4nn.db import Database
-
-
-def synthetic(n_train=128, n_test=64, seed=0) -> ImageData:
-    """Three colour classes (a 10-class spec: the other classes are simply absent)."""
-    g = torch.Generator().manual_seed(seed)
-
-    def make(n):
-        y = torch.randint(0, 3, (n,), generator=g)
-        x = torch.randint(0, 100, (n, 3, 32, 32), generator=g)
-        for c in range(3):
-            x[y == c, c] += 150
-        return x.to(torch.uint8), y
-
-    (tx, ty), (vx, vy) = make(n_train), make(n_test)
-    return ImageData("cifar10", tx, ty, vx, vy, [str(i) for i in range(10)], "synthetic", get_spec("cifar10"))
-
-
-def micro_profile() -> Profile:
-    return Profile(
-        name="micro", datasets=["cifar10"], archs=["vgg13"], attacks=["badnets", "blended"],
-        levels=["narrow", "large"], width=0.0625, candidates={"narrow": [0], "large": [0]},
-        rc_images=16, benign={"epochs": 2, "batch_size": 32, "lr": 0.05},
-        recipe={"epochs": 1, "batch_size": 32, "lr": 0.05},
-    ).validate()
+from synthetic import micro_profile, three_colours as synthetic
 
 
 def comparable(db: Database) -> dict:
@@ -122,6 +98,23 @@ def test_benign_overrides_per_architecture_and_bad_keys():
                 benign={"epoch": 3}).validate()
 
 
+def test_recipe_tables_layer_from_general_to_specific():
+    prof = Profile(name="p", datasets=["cifar10"], archs=["vgg13", "resnet18"], attacks=["badnets", "blended"],
+                   levels=["narrow"], recipe={"epochs": 4, "lr": 0.1, "resnet18": {"epochs": 2, "blended": {"lr": 0.02}},
+                                              "blended": {"epochs": 6, "lr": 0.05}}).validate()
+    assert (prof.injection_recipe("vgg13", "badnets").epochs, prof.injection_recipe("vgg13", "badnets").lr) == (4, 0.1)
+    assert (prof.injection_recipe("resnet18", "badnets").epochs, prof.injection_recipe("resnet18", "badnets").lr) == (2, 0.1)
+    assert (prof.injection_recipe("vgg13", "blended").epochs, prof.injection_recipe("vgg13", "blended").lr) == (6, 0.05)
+    # [recipe.<attack>] beats [recipe.<arch>]; [recipe.<arch>.<attack>] beats both
+    assert (prof.injection_recipe("resnet18", "blended").epochs, prof.injection_recipe("resnet18", "blended").lr) == (6, 0.02)
+    for bad, match in (({"vgg99": {"epochs": 1}}, r"\[recipe.vgg99\]: not an architecture or attack"),
+                       ({"badnets": {"vgg13": {"epochs": 1}}}, r"\[recipe.badnets.vgg13\]: only"),
+                       ({"vgg13": {"blended": {"epochs": 0}}}, r"vgg13 blended: setting epochs=0 must be >= 1")):
+        with pytest.raises(ValueError, match=match):
+            Profile(name="p", datasets=["cifar10"], archs=["vgg13"], attacks=["badnets", "blended"],
+                    levels=["narrow"], recipe=bad).validate()
+
+
 def test_small_profile_keeps_the_paper_attack_recipe():
     prof = load_profile("small")
     assert prof.train_subset is None and prof.test_subset is None  # the full CIFAR-10 sets
@@ -129,10 +122,13 @@ def test_small_profile_keeps_the_paper_attack_recipe():
     # only the injection's epochs, lr and batch size may differ from the paper recipe
     from bd4nn.attacks import InjectionRecipe, get_attack
 
-    paper, small = InjectionRecipe(), prof.injection_recipe()
-    for name in ("poison_rate", "augment", "train_head", "momentum", "weight_decay", "schedule"):
-        assert getattr(small, name) == getattr(paper, name), name
-    assert small.poison_rate == 0.1
+    paper = InjectionRecipe()
+    for arch in prof.archs:
+        for attack in prof.attacks:
+            small = prof.injection_recipe(arch, attack)
+            for name in ("poison_rate", "augment", "train_head", "momentum", "weight_decay", "schedule", "warmup"):
+                assert getattr(small, name) == getattr(paper, name), (arch, attack, name)
+            assert small.poison_rate == 0.1
     assert get_attack("badnets", **prof.attack.get("badnets", {})).settings.patch_size == 3
     assert get_attack("blended", **prof.attack.get("blended", {})).settings.alpha == 0.2
     assert not prof.attack  # every attack at its defaults

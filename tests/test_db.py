@@ -28,6 +28,7 @@ from bd4nn.db import (
     DatabaseWarning,
     DefectLabel,
     apply_delta,
+    bit_equal,
     encode_delta,
     entry_id,
 )
@@ -73,7 +74,7 @@ def make_label(arch: str = "vgg13", s_fault: dict | None = None, *, attack: str 
         rc={k: [1.0 / n] * len(v) for k, v in s_fault.items()},
         trigger={"attack": attack, "settings": {"size": 3}}, target=0, seed=0,
         recipe={"epochs": 10, "lr": 0.05}, ca=0.8812, asr=0.981, asr_cor=0.93 if kept else 0.31,
-        ca_cor=0.02, ca_cor_r=0.6, asr_cor_r=0.05, benign_ca=0.9012, seconds=12.5,
+        ca_cor=0.02, ca_cor_r=0.6, asr_cor_r=0.05, benign_ca=0.9012,
         extra={"note": "test"},
     )
 
@@ -171,14 +172,25 @@ def test_elementwise_sparse_delta_round_trips_nan_and_signed_zero(tmp_path):
         others = [r for r in range(16) if r != 0]
         w[others, 1:3] = 0.0  # SRA-like severing: unselected channels stop reading channels 1, 2
         w[5, 0, 0, 0] = -0.0
-        w[0, 3, 1, 1] = float("nan")
     label = make_label("resnet18", {"layer2.0.conv2": [0]}, attack="sra")
+    # the encoding itself is bitwise: a NaN payload round-trips through encode/apply ...
+    nan_state = {k: v.clone() for k, v in infected.state_dict().items()}
+    nan_state["layer2.0.conv2.weight"][0, 3, 1, 1] = float("nan")
+    rebuilt = apply_delta(parent_state(parent), encode_delta(nan_state, parent_state(parent)))
+    assert all(bit_equal(rebuilt[k], nan_state[k]) for k in nan_state)
+    # ... but the database stores no model with NaN or inf weights (loading would refuse it)
+    nan_model = copy.deepcopy(infected)
+    nan_model.load_state_dict(nan_state)
+    with pytest.raises(DatabaseError, match="NaN or inf in layer2.0.conv2.weight"):
+        db.save_entry(label, nan_model, parent_state(parent), trigger_tensors())
+    with torch.no_grad():
+        w[0, 3, 1, 1] = 0.5  # instead of the NaN: one more changed element
     db.save_entry(label, infected, parent_state(parent), trigger_tensors())
 
     model, _, _ = db.load_entry(label.id)
     assert_same_state(model, infected)
     lw = model.layer2[0].conv2.weight
-    assert torch.signbit(lw[5, 0, 0, 0]) and torch.isnan(lw[0, 3, 1, 1])
+    assert torch.signbit(lw[5, 0, 0, 0]) and lw[0, 3, 1, 1].item() == 0.5
 
     wpath, _ = entry_files(db, label.id)
     assert stored_keys(wpath) == {"delta.layer2.0.conv2.weight.values", "delta.layer2.0.conv2.weight.flatidx",
@@ -483,7 +495,7 @@ def test_missing_file_and_unknown_id_are_clear_errors(built):
     wpath.unlink()
     with pytest.raises(DatabaseError, match=rf"{wpath.name}: the weights of {id} is missing"):
         db.load_entry(id)
-    assert db.verify(progress=False) == [f"{wpath}: a database file is missing; rebuild with `bd4nn build` or restore it"]
+    assert db.verify(progress=False) == [f"{wpath}: the weights of {id} is missing; rebuild with `bd4nn build` or restore it"]
 
 
 def test_label_naming_an_unknown_layer_is_refused(built, tmp_path):

@@ -104,3 +104,35 @@ def test_bad_profile_values_are_one_line_errors(tmp_path, capsys, extra, needle)
     db = tmp_path / "db"
     _one_line_error(capsys, ["build", "--db", str(db), "--profile", str(prof)], needle)
     assert not db.exists()  # nothing written
+
+
+def test_main_reports_user_errors_in_one_line_and_lets_bugs_raise(tmp_path, monkeypatch, capsys):
+    """Only the user-error types become one line and exit 2; a bug (any other exception, even a
+    ValueError or KeyError) keeps its traceback."""
+    import dataclasses
+
+    import bd4nn.cli as cli
+    from bd4nn.build import ProfileError
+    from bd4nn.data import DatasetError
+    from bd4nn.errors import BadInputError, UnknownNameError, UserError
+    from bd4nn.settings import SettingError
+
+    for t in (DatabaseError, DatasetError, LocalizerError, ProfileError, SettingError, BadInputError,
+              UnknownNameError):
+        assert issubclass(t, UserError), t
+
+    def raising(exc):
+        def run(args):
+            raise exc
+        return run
+
+    (tmp_path / "index.jsonl").write_text("")
+    for exc in (BadInputError("the shard 3/2 is out of range"), UnknownNameError("unknown model 'x'")):
+        monkeypatch.setitem(cli.COMMANDS, "list", dataclasses.replace(cli.COMMANDS["list"], run=raising(exc)))
+        assert main(["list", str(tmp_path)]) == 2
+        err = capsys.readouterr().err
+        assert err == f"bd4nn: error: {exc.args[0]}\n"
+    for bug in (ValueError("a bug"), KeyError("a bug"), ZeroDivisionError("a bug")):
+        monkeypatch.setitem(cli.COMMANDS, "list", dataclasses.replace(cli.COMMANDS["list"], run=raising(bug)))
+        with pytest.raises(type(bug)):
+            main(["list", str(tmp_path)])

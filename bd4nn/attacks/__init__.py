@@ -16,6 +16,7 @@ from bd4nn.attacks.base import (
     StampTrigger,
     poison_indices,
 )
+from bd4nn.errors import UnknownNameError
 
 __all__ = [
     "Attack", "InjectionInfo", "InjectionRecipe", "PoisoningAttack", "StampTrigger",
@@ -48,7 +49,7 @@ def attack_class(name: str) -> type[Attack]:
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(f"unknown attack {name!r}; known attacks: {', '.join(sorted(_REGISTRY))}") from None
+        raise UnknownNameError(f"unknown attack {name!r}; known attacks: {', '.join(sorted(_REGISTRY))}") from None
 
 
 def get_attack(name: str, **kwargs) -> Attack:
