@@ -17,7 +17,6 @@ The benchmark harness (``pytest bench/``) adds:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
@@ -27,12 +26,10 @@ BENCH_DIR = ROOT / "bench"
 
 
 def shared_data_dir() -> Path | None:
-    """The folder holding the dataset archives, or None."""
-    env = os.environ.get("BD4NN_DATA")
-    if env:
-        return Path(env)
-    candidate = ROOT.parent / "shared" / "data"
-    return candidate if candidate.is_dir() else None
+    """The folder holding the dataset archives, or None (the rule of ``bd4nn.data.data_folder``)."""
+    from bd4nn.data import data_folder
+
+    return data_folder(fallbacks=[ROOT.parent / "shared" / "data"])
 
 
 @pytest.fixture(scope="session")

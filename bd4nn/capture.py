@@ -1,10 +1,9 @@
-"""Reading a model without changing it: frozen evaluation and BN-output capture.
+"""Reading the neurons' activations: BN-output capture.
 
-Rule 1 (``contribution``), TrojanNN's trigger search and several localizers all need the same
-two things: run the model in eval mode with its parameters out of autograd (so nothing gets a
-``.grad`` and BN running statistics do not move), and read the BN outputs (the neurons'
-activations, METHODS.md §1) of some neuron layers. Both are context managers that restore the
-model exactly on exit, also on an exception.
+Rule 1 (``contribution``), TrojanNN's trigger search and several localizers read the BN outputs
+(the neurons' activations, METHODS.md §1) of some neuron layers, usually inside
+``bd4nn.runtime.frozen`` (eval mode, parameters out of autograd). ``capture`` is a context
+manager that removes its hooks on exit, also on an exception.
 """
 
 from __future__ import annotations
@@ -13,31 +12,10 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
-from torch import nn
 
 from bd4nn.neurons import NeuronMap
 
-__all__ = ["frozen", "capture"]
-
-
-@contextmanager
-def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Eval mode and ``requires_grad=False`` on every parameter inside the block; on exit each
-    module gets back its own ``training`` flag (a model in mixed modes stays mixed) and each
-    parameter its ``requires_grad``."""
-    modes = [(m, m.training) for m in model.modules()]
-    req = [(p, p.requires_grad) for p in model.parameters()]
-    try:
-        for m, _ in modes:
-            m.training = False
-        for p, _ in req:
-            p.requires_grad_(False)
-        yield model
-    finally:
-        for p, r in req:
-            p.requires_grad_(r)
-        for m, t in modes:
-            m.training = t
+__all__ = ["capture"]
 
 
 @contextmanager

@@ -22,9 +22,9 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from bd4nn.capture import capture, frozen
+from bd4nn.capture import capture
 from bd4nn.neurons import NeuronMap
-from bd4nn.runtime import to_float
+from bd4nn.runtime import frozen, to_float
 
 __all__ = ["contribution", "rank_neurons"]
 

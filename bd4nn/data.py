@@ -78,12 +78,20 @@ __all__ = [
     "defender_data",
     "GENERIC_NAME",
     "IMAGE_SIZE",
+    "DATA_ENV",
+    "CACHE_ENV",
+    "data_folder",
+    "cache_folder",
 ]
 
 log = logging.getLogger(__name__)
 
 IMAGE_SIZE = 32
 GENERIC_NAME = "imagefolder"
+# The one place that reads these variables (issue 13): every entry point asks data_folder() and
+# cache_folder(), so `pytest bench/`, `bd4nn` and the benchmark scripts find the same files.
+DATA_ENV = "BD4NN_DATA"
+CACHE_ENV = "BD4NN_CACHE"
 SPLITS = ("train", "test")
 #: Extensions that count as images (the set torchvision's ImageFolder accepts), lower case.
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -541,9 +549,29 @@ register_dataset(
 # --------------------------------------------------------------------------- cache
 
 
-def _default_cache_dir() -> Path:
-    env = os.environ.get("BD4NN_CACHE")
+def cache_folder() -> Path:
+    """bd4nn's cache folder (decoded datasets, the harness's default databases): ``$BD4NN_CACHE``,
+    else ``~/.cache/bd4nn``."""
+    env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "bd4nn"
+
+
+def data_folder(given: str | os.PathLike | None = None, fallbacks: Sequence[str | os.PathLike] = (), *,
+                holding: str | None = None) -> Path | None:
+    """The folder of dataset archives, by the one rule every entry point follows: the folder the
+    user gave, else ``$BD4NN_DATA``, else the first of ``fallbacks`` that exists (e.g. the
+    ``../shared/data`` of a development checkout); None if there is none (torchvision then
+    downloads). With ``holding`` (a dataset name), the first of these that holds
+    ``<name>.tar.xz`` or ``<name>/`` wins; if none does, the first given or set one."""
+    chosen = [Path(c).expanduser() for c in (given, os.environ.get(DATA_ENV)) if c]
+    extra = [Path(c).expanduser() for c in fallbacks if c]
+    if holding is not None:
+        for cand in chosen + extra:
+            if cand.is_dir() and _find_in(cand, holding) is not None:
+                return cand
+    if chosen:
+        return chosen[0]
+    return next((c for c in extra if c.is_dir()), None)
 
 
 def _cache_path(cache_dir: Path, name: str, digest: str) -> Path:
@@ -648,12 +676,12 @@ def _resolve_local(name: str, root: str | os.PathLike | None) -> tuple[Path | No
                 f"the archive or the extracted folder itself"
             )
         return found, [str(p)]
-    env = os.environ.get("BD4NN_DATA")
+    env = os.environ.get(DATA_ENV)
     if env:
         p = Path(env).expanduser()
         found = _find_in(p, name) if p.is_dir() else None
-        return found, [f"{p} (BD4NN_DATA)"]
-    return None, ["BD4NN_DATA (not set)"]
+        return found, [f"{p} ({DATA_ENV})"]
+    return None, [f"{DATA_ENV} (not set)"]
 
 
 def load_dataset(
@@ -674,7 +702,7 @@ def load_dataset(
     """
     spec = DATASETS.get(name)
     local, looked = _resolve_local(name, root)
-    cdir = Path(cache_dir).expanduser() if cache_dir is not None else _default_cache_dir()
+    cdir = Path(cache_dir).expanduser() if cache_dir is not None else cache_folder()
     if local is None and spec is None:
         if name == GENERIC_NAME:
             raise DatasetError(

@@ -23,18 +23,27 @@ emulates it). ``BD4NN_BF16=0`` turns autocast off on CUDA too.
 
 **Float conversion.** Images travel as uint8 and become float [0,1] at the last moment
 (``to_float``), on the device.
+
+**Reading a model without changing it.** ``frozen`` runs a model in eval mode with its
+parameters out of autograd and restores every module's mode and every parameter's
+``requires_grad`` on exit; ``working_copy`` gives a model on the wanted device without moving
+the caller's (a deep copy only when the devices differ).
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import re
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 
 import torch
+from torch import nn
 
 __all__ = ["THREADS_ENV", "BF16_ENV", "cpu_cores", "default_threads", "set_threads", "threads",
-           "use_channels_last", "place", "cuda_path", "amp_enabled", "autocast", "to_float", "PeakMemory"]
+           "use_channels_last", "place", "cuda_path", "amp_enabled", "autocast", "to_float", "PeakMemory",
+           "frozen", "model_device", "working_copy"]
 
 THREADS_ENV = "BD4NN_THREADS"
 BF16_ENV = "BD4NN_BF16"
@@ -193,3 +202,49 @@ class PeakMemory:
         if self.peak_mib is None or self.start_mib is None:
             return None
         return max(0.0, self.peak_mib - self.start_mib)
+
+
+# ---------------------------------------------------------------------------- models
+
+
+@contextmanager
+def frozen(model: nn.Module) -> Iterator[nn.Module]:
+    """Eval mode and ``requires_grad=False`` on every parameter inside the block; on exit each
+    module gets back its own ``training`` flag (a model in mixed modes stays mixed) and each
+    parameter its ``requires_grad``."""
+    modes = [(m, m.training) for m in model.modules()]
+    req = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for m, _ in modes:
+            m.training = False
+        for p, _ in req:
+            p.requires_grad_(False)
+        yield model
+    finally:
+        for p, r in req:
+            p.requires_grad_(r)
+        for m, t in modes:
+            m.training = t
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """The device of the model's first parameter (else buffer; a model with neither: the CPU)."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def working_copy(model: nn.Module, device: torch.device | str | None) -> tuple[nn.Module, torch.device]:
+    """``(model, device)`` to run on: the caller's model itself when it already lives on
+    ``device`` (default: its own device), else a deep copy moved there, so that the caller's
+    model never changes device. A bare ``cuda`` means the current CUDA device."""
+    own = model_device(model)
+    dev = torch.device(device) if device is not None else own
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if own == dev:
+        return model, dev
+    return copy.deepcopy(model).to(dev), dev
+

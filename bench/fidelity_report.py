@@ -30,6 +30,7 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from bd4nn.build import build, load_profile, plan  # noqa: E402
+from bd4nn.data import DATA_ENV, data_folder  # noqa: E402
 from bd4nn.db import Database  # noqa: E402
 from bd4nn.results import database_summary, git_hash  # noqa: E402
 from bd4nn.runtime import cpu_cores  # noqa: E402
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     command = "python bench/fidelity_report.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
     profile = load_profile(args.profile)
-    data = args.data or os.environ.get("BD4NN_DATA") or str(ROOT.parent / "shared" / "data")
+    found = data_folder(args.data, [ROOT.parent / "shared" / "data"])
+    data = str(found) if found is not None else None
     t0 = time.perf_counter()
     built = 0
     if not args.no_build:
@@ -157,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                *(["--threads", str(args.threads)] if args.threads else []), *pytest_args]
         print("fidelity_report:", shlex.join(cmd[2:]), flush=True)
         t1 = time.perf_counter()
-        rc = subprocess.call(cmd, cwd=ROOT, env={**os.environ, "BD4NN_DATA": data})
+        rc = subprocess.call(cmd, cwd=ROOT, env={**os.environ, **({DATA_ENV: data} if data else {})})
         bench_wall = time.perf_counter() - t1
         if rc not in (0, 1):  # 1 = some case failed: still reported
             print(f"fidelity_report: pytest exited {rc}", file=sys.stderr)

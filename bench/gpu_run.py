@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import signal
 import sys
 import time
@@ -49,7 +48,7 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from bd4nn.build import PlanItem, build_candidate, load_profile, prepare_parent  # noqa: E402
-from bd4nn.data import load_dataset  # noqa: E402
+from bd4nn.data import data_folder, load_dataset  # noqa: E402
 from bd4nn.db import Database, benign_timing_key, entry_id  # noqa: E402
 from bd4nn.harness import load_context, localize, make_localizer  # noqa: E402
 from bd4nn.inject import LEVELS  # noqa: E402
@@ -64,10 +63,10 @@ LOCALIZERS = ("clp", "fp", "slicer", "anp", "nc", "deepmufl")  # fast first
 TARGETS = {"benign": 30.0, "candidate": 1.5, "clp": 0.05, "fp": 0.5, "slicer": 5.0, "anp": 15.0, "nc": 30.0,
            "deepmufl": 300.0}
 def find_data(given: str | None) -> str | None:
-    for cand in (given, os.environ.get("BD4NN_DATA"), ROOT.parent / "shared" / "data", ROOT / ".data"):
-        if cand and (Path(cand) / "cifar10.tar.xz").exists():
-            return str(cand)
-    return given or os.environ.get("BD4NN_DATA")
+    """``--data``, ``$BD4NN_DATA``, ``../shared/data`` or ``./.data`` (the folder carried to a GPU
+    machine): the first that holds CIFAR-10 (``bd4nn.data.data_folder``)."""
+    found = data_folder(given, [ROOT.parent / "shared" / "data", ROOT / ".data"], holding=DATASET)
+    return str(found) if found is not None else None
 
 
 def run_profile(toy: bool):

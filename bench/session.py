@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from bd4nn.build import Profile, build, load_profile
+from bd4nn.data import cache_folder, data_folder
 from bd4nn.db import Database, DatabaseError
 from bd4nn.results import Baseline, directory_lines, header
 from bd4nn.runtime import default_threads, set_threads
@@ -31,16 +32,12 @@ RESULTS_KEY = "bd4nn"
 
 
 def cache_dir() -> Path:
-    env = os.environ.get("BD4NN_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "bd4nn"
+    return cache_folder()
 
 
-def data_root() -> str | None:
-    env = os.environ.get("BD4NN_DATA")
-    if env:
-        return env
-    shared = ROOT.parent / "shared" / "data"
-    return str(shared) if shared.is_dir() else None
+def data_root() -> Path | None:
+    """``$BD4NN_DATA``, else the ``../shared/data`` of a development checkout (``bd4nn.data``)."""
+    return data_folder(fallbacks=[ROOT.parent / "shared" / "data"])
 
 
 def worker_device(config: pytest.Config) -> torch.device:

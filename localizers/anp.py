@@ -63,12 +63,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bd4nn.capture import frozen
 from bd4nn.neurons import NeuronMap
 from bd4nn.train import augment as _augment
-from bd4nn.runtime import autocast, to_float
+from bd4nn.runtime import autocast, frozen, to_float, working_copy
 from localizers.base import CleanData, Localizer, LocalizerError, register_localizer
-from localizers.nc import working_copy
 
 __all__ = ["ANP", "NoisyBN", "anp_masks"]
 
@@ -156,7 +154,8 @@ def anp_masks(
 ) -> dict[str, torch.Tensor]:
     """Optimise ANP's masks; ``{layer: mask in [0,1]}`` (CPU), one value per BN channel."""
     s = settings if settings is not None else ANP.Settings()
-    work, nm, dev = working_copy(model, neuron_map, device)
+    work, dev = working_copy(model, device)
+    nm = neuron_map if work is model else NeuronMap(work)
     noisy = NoisyBN(nm)
     layers, sizes = noisy.layers, noisy.sizes
     total = sum(sizes)

@@ -83,9 +83,8 @@ import torch.fx as fx
 from torch import nn
 from tqdm.auto import tqdm
 
-from bd4nn.capture import frozen
 from bd4nn.neurons import NeuronMap
-from bd4nn.runtime import autocast as _autocast, cuda_path, to_float
+from bd4nn.runtime import autocast as _autocast, cuda_path, frozen, to_float
 from localizers.base import Localizer, LocalizerError, register_localizer
 
 log = logging.getLogger(__name__)

@@ -39,7 +39,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bd4nn.capture import capture, frozen
+from bd4nn.capture import capture
+from bd4nn.runtime import frozen
 from localizers.base import Localizer, LocalizerError, register_localizer
 
 __all__ = ["FP"]

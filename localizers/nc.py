@@ -92,7 +92,6 @@ False). The model is frozen and in eval mode throughout; the clean images are ne
 
 from __future__ import annotations
 
-import copy
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -102,39 +101,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bd4nn.capture import capture, frozen
+from bd4nn.capture import capture
 from bd4nn.neurons import NeuronMap
 from bd4nn.train import augment as _augment
-from bd4nn.runtime import autocast, cuda_path, to_float
+from bd4nn.runtime import autocast, cuda_path, frozen, model_device, to_float, working_copy
 from localizers.base import CleanData, Localizer, LocalizerError, register_localizer
 
 __all__ = ["NeuralCleanse", "TriggerSearch", "reverse_engineer", "mad_outliers", "activation_gap"]
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    for t in model.parameters():
-        return t.device
-    for t in model.buffers():
-        return t.device
-    return torch.device("cpu")
-
-
-def working_copy(model: nn.Module, neuron_map: NeuronMap, device: torch.device | str | None):
-    """``(model, neuron_map, device)`` to run on: the caller's model itself when it already
-    lives on ``device`` (default: its own device), else a deep copy moved there (so the
-    caller's model never changes device)."""
-    own = _model_device(model)
-    dev = torch.device(device) if device is not None else own
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
-    if own == dev:
-        return model, neuron_map, dev
-    work = copy.deepcopy(model).to(dev)
-    return work, NeuronMap(work), dev
-
 
 
 def _median(v: torch.Tensor, kind: str = "torch") -> torch.Tensor:
@@ -271,7 +247,7 @@ def reverse_engineer(
     The model is used as is (frozen, eval mode inside); it must live on ``device``.
     """
     s = settings if settings is not None else NeuralCleanse.Settings()
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     num_classes = int(clean.num_classes)
     cls = list(range(num_classes)) if classes is None else [int(c) for c in classes]
     if not cls or any(not 0 <= c < num_classes for c in cls) or len(set(cls)) != len(cls):
@@ -427,7 +403,7 @@ def activation_gap(
     ``c`` of ``layer``); "neuron": the post-ReLU BN output of ``layer`` over images and positions."""
     if feature not in ("head", "neuron"):
         raise LocalizerError(f"nc: feature must be 'head' or 'neuron', not {feature!r}")
-    dev = torch.device(device) if device is not None else _model_device(model)
+    dev = torch.device(device) if device is not None else model_device(model)
     m = mask.to(dev, torch.float32).reshape(1, 1, *mask.shape[-2:])
     p = pattern.to(dev, torch.float32).reshape(1, 3, *pattern.shape[-2:])
     size = neuron_map.sizes[layer]
@@ -513,7 +489,8 @@ class NeuralCleanse(Localizer):
                              ("feature", ("head", "neuron"))):
             if getattr(s, key) not in allowed:
                 raise LocalizerError(f"nc: {key} must be one of {allowed}, not {getattr(s, key)!r}")
-        work, nm, dev = working_copy(model, neuron_map, device)
+        work, dev = working_copy(model, device)
+        nm = neuron_map if work is model else NeuronMap(work)
         search = reverse_engineer(work, clean, None, s, device=dev, seed=seed)
         anomaly, flagged, median, mad = mad_outliers(search.norms, s.mad_threshold, s.mad_consistency, s.median)
         row = flagged[0] if flagged else int(search.norms.argmin())

@@ -34,8 +34,9 @@ from dataclasses import dataclass
 
 import torch
 
-from bd4nn.capture import capture, frozen
+from bd4nn.capture import capture
 from bd4nn.contribution import contribution
+from bd4nn.runtime import frozen
 from localizers.base import Localizer, LocalizerError, register_localizer
 
 __all__ = ["Slicer", "centered_contribution"]

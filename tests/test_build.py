@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from bd4nn.build import Profile, build, load_profile, plan
 from bd4nn.cli import main

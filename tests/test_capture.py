@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from bd4nn.capture import capture, frozen
+from bd4nn.capture import capture
 from bd4nn.models import get_model
 from bd4nn.neurons import NeuronMap
+from bd4nn.runtime import frozen
 
 
 def test_frozen_restores_each_modules_mode_and_requires_grad():

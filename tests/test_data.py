@@ -484,3 +484,22 @@ def test_error_unknown_name_and_generic_without_root(monkeypatch) -> None:
         load_dataset("mnist")
     with pytest.raises(DatasetError, match="needs root="):
         load_dataset("imagefolder")
+
+
+def test_data_folder_follows_one_rule(tmp_path, monkeypatch):
+    """given > $BD4NN_DATA > the first existing fallback; with ``holding``, the first that holds it."""
+    from bd4nn.data import DATA_ENV, data_folder
+
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for d in (a, b):
+        d.mkdir()
+    (b / "cifar10.tar.xz").write_bytes(b"")
+    monkeypatch.delenv(DATA_ENV, raising=False)
+    assert data_folder() is None
+    assert data_folder(fallbacks=[c, a, b]) == a  # c does not exist
+    monkeypatch.setenv(DATA_ENV, str(c))
+    assert data_folder(fallbacks=[a]) == c  # set, even if missing: the loader then says so
+    assert data_folder(a, fallbacks=[b]) == a
+    assert data_folder(a, fallbacks=[b], holding="cifar10") == b
+    assert data_folder(a, holding="gtsrb") == a
+

@@ -23,7 +23,8 @@ import torch
 
 from bd4nn.attacks import register_attack
 from bd4nn.attacks.base import PoisoningAttack, StampTrigger
-from bd4nn.capture import capture, frozen
+from bd4nn.capture import capture
+from bd4nn.runtime import frozen
 
 
 def disc_mask(size: int, center: tuple[float, float], radius: float) -> torch.Tensor:
