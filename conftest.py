@@ -42,6 +42,8 @@ def data_dir() -> Path:
 
 # ---------------------------------------------------------------------------------- options
 def pytest_addoption(parser: pytest.Parser) -> None:
+    from bd4nn.results import TOLERANCES  # the one home of the defaults
+
     g = parser.getgroup("bd4nn", "bd4nn benchmark harness (pytest bench/)")
     g.addoption("--db", default=None, help="database folder (default: $BD4NN_DB, else the --profile "
                 "database built on first use in the cache folder)")
@@ -53,9 +55,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--repairs", default="prune,finetune", help="comma-separated repairs for test_repair.py")
     g.addoption("--results", default=None, help="results file (default: results/<run>.jsonl)")
     g.addoption("--baseline", default=None, help="results/baseline file to compare WJI and time with")
-    g.addoption("--wji-tolerance", type=float, default=0.05, help="allowed WJI drop vs the baseline")
-    g.addoption("--time-factor", type=float, default=3.0, help="allowed time: factor x baseline + slack")
-    g.addoption("--time-slack", type=float, default=2.0, help="seconds added to the allowed time")
+    g.addoption("--wji-tolerance", type=float, default=TOLERANCES["wji_tol"], help="allowed WJI drop vs the baseline")
+    g.addoption("--time-factor", type=float, default=TOLERANCES["time_factor"],
+                help="allowed time: factor x baseline + slack")
+    g.addoption("--time-slack", type=float, default=TOLERANCES["time_slack"], help="seconds added to the allowed time")
+    g.addoption("--repair-tolerance", type=float, default=TOLERANCES["repair_tol"],
+                help="allowed ASRD drop and CAD rise of a repair case vs the baseline")
     g.addoption("--bench-seed", type=int, default=0, help="seed given to every localizer and repair")
     g.addoption("--device", default=None, help="device for serial runs (default: cuda if available)")
     g.addoption("--threads", type=int, default=None, help="torch threads per process (default: "

@@ -14,7 +14,8 @@ CA, ASR, CAD and ASRD are fractions. ``reports/`` reads these files only.
 
 A **baseline** is a results file (or its case lines) kept as the reference. ``compare`` checks a
 case against it: WJI may not fall by more than ``wji_tol``; time may not exceed
-``time_factor × baseline + time_slack`` seconds.
+``time_factor × baseline + time_slack`` seconds; a repair's ASRD may not fall, nor its CAD rise,
+by more than ``repair_tol``. The defaults (``TOLERANCES``) are those of ``pytest bench/``.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ import torch
 
 from bd4nn.errors import BadInputError
 
-__all__ = ["SCHEMA", "header", "directory_lines", "database_summary", "case_key", "read", "Baseline", "save_baseline", "Regression"]
+__all__ = ["SCHEMA", "TOLERANCES", "header", "directory_lines", "database_summary", "case_key", "read", "Baseline", "save_baseline", "Regression"]
 
 SCHEMA = 1
 
@@ -165,15 +166,21 @@ class Regression:
         return f"{self.key}: {self.what}"
 
 
+# The one home of the baseline tolerances (``pytest bench/`` takes its option defaults from here).
+TOLERANCES = {"wji_tol": 0.05, "time_factor": 3.0, "time_slack": 2.0, "repair_tol": 0.05}
+
+
 class Baseline:
     """Reference metrics per case key, with tolerances."""
 
-    def __init__(self, cases: Mapping[str, Mapping[str, Any]], *, wji_tol: float = 0.05,
-                 time_factor: float = 3.0, time_slack: float = 1.0, source: str = "") -> None:
+    def __init__(self, cases: Mapping[str, Mapping[str, Any]], *, wji_tol: float = TOLERANCES["wji_tol"],
+                 time_factor: float = TOLERANCES["time_factor"], time_slack: float = TOLERANCES["time_slack"],
+                 repair_tol: float = TOLERANCES["repair_tol"], source: str = "") -> None:
         self.cases = dict(cases)
         self.wji_tol = wji_tol
         self.time_factor = time_factor
         self.time_slack = time_slack
+        self.repair_tol = repair_tol
         self.source = source
 
     @classmethod
@@ -186,7 +193,7 @@ class Baseline:
                 continue
             if not isinstance(ln.get("nodeid"), str) or not ln.get("case"):
                 raise BadInputError(f"{path}: case {i} has no nodeid/case: not a bd4nn results file")
-            for key in ("wji", "time_s"):
+            for key in ("wji", "time_s", "cad", "asrd"):
                 v = ln.get(key)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
                     raise BadInputError(f"{path}: case {ln['nodeid']}: {key} must be a finite number, not {v!r}")
@@ -214,6 +221,12 @@ class Baseline:
             if t > limit:
                 out.append(Regression(key, f"time {t:.3f} s > {self.time_factor} x baseline {t0:.3f} s + "
                                            f"{self.time_slack} s ({self.source})"))
+        a, a0 = case.get("asrd"), ref.get("asrd")  # a repair's ASR drop: higher is better
+        if isinstance(a, (int, float)) and isinstance(a0, (int, float)) and a < a0 - self.repair_tol:
+            out.append(Regression(key, f"ASRD {a:.4f} < baseline {a0:.4f} - {self.repair_tol} ({self.source})"))
+        c, c0 = case.get("cad"), ref.get("cad")  # its CA drop: lower is better
+        if isinstance(c, (int, float)) and isinstance(c0, (int, float)) and c > c0 + self.repair_tol:
+            out.append(Regression(key, f"CAD {c:.4f} > baseline {c0:.4f} + {self.repair_tol} ({self.source})"))
         return out
 
 

@@ -165,14 +165,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fidelity_report: pytest exited {rc}", file=sys.stderr)
             return rc
 
+    runs = [*([] if args.no_build else [f"bd4nn build --db {args.db} --profile {args.profile}"]),
+            *([shlex.join(["pytest", *cmd[3:]])] if bench_wall is not None else []),
+            *([f"python -m reports {' '.join(str(r) for r in all_results)} --format md"] if not args.skip_bench else [])]
     head = [f"# Fidelity report: the `{profile.name}` profile", "",
             "Generated, not typed: every figure below is what these commands printed or recorded.", "",
             "```bash", command, "```", "",
-            "which runs, in order:", "",
-            "```bash", *([] if args.no_build else [f"bd4nn build --db {args.db} --profile {args.profile}"]),
-            *([shlex.join(["pytest", *cmd[3:]])] if bench_wall is not None else []),
-            *([f"python -m reports {' '.join(str(r) for r in all_results)} --format md"] if not args.skip_bench else []),
-            "```", "",
+            *(["which runs, in order:", "", "```bash", *runs, "```", ""] if runs else []),
             *(["The database was built beforehand by:", "", "```bash", *args.built_with, "```", ""]
               if args.built_with else []),
             *(["The benchmark results were reused, not rerun: each file's own header (run, git hash, threads, "

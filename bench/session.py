@@ -85,7 +85,8 @@ class BenchSession:
         if config.getoption("--baseline"):
             baseline = Baseline.load(config.getoption("--baseline"), wji_tol=config.getoption("wji_tolerance"),
                                      time_factor=config.getoption("time_factor"),
-                                     time_slack=config.getoption("time_slack"))
+                                     time_slack=config.getoption("time_slack"),
+                                     repair_tol=config.getoption("repair_tolerance"))
         db_opt = config.getoption("--db") or os.environ.get("BD4NN_DB")
         prof_opt = config.getoption("--profile")
         if db_opt:

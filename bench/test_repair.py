@@ -27,5 +27,6 @@ def test_repair(bench, record, localizer_name, repair_name, entry_id):
         assert abs(res.asrd - ctx.label.asr_cor) <= 0.02
     if bench.baseline is not None:
         key = f"x[{localizer_name}-{repair_name}-{entry_id}]"
-        problems = bench.baseline.compare({"case": "repair", "nodeid": key, "wji": found.wji})
+        problems = bench.baseline.compare({"case": "repair", "nodeid": key, "wji": found.wji,
+                                           "cad": res.cad, "asrd": res.asrd})
         assert not problems, "; ".join(map(str, problems))

@@ -40,8 +40,8 @@ clean_images = 64
 """
 
 
-def _pytest(args, env):
-    return subprocess.run([sys.executable, "-m", "pytest", "bench/test_localization.py", "-p", "no:cacheprovider", "-q", *args],
+def _pytest(args, env, module="bench/test_localization.py"):
+    return subprocess.run([sys.executable, "-m", "pytest", module, "-p", "no:cacheprovider", "-q", *args],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
 
 
@@ -84,3 +84,17 @@ def test_serial_and_xdist_runs_record_the_same_wji(tmp_path, data_dir):
     r = _pytest(["--db", str(db), "-k", "clp", "--results", str(only)], env)
     assert r.returncode == 0
     assert {n.split("[")[1].split("-")[0] for n in _wji(only)} == {"clp"}
+    # a repair whose ASRD falls by more than the tolerance against the baseline fails the run
+    repaired = tmp_path / "repair.jsonl"
+    args = ["--db", str(db), "-k", "pfl", "--repairs", "prune"]
+    r = _pytest([*args, "--results", str(repaired)], env, "bench/test_repair.py")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(x) for x in repaired.read_text().splitlines()]
+    assert [d for d in rows if d.get("case") == "repair"]
+    r = _pytest([*args, "--baseline", str(repaired)], env, "bench/test_repair.py")
+    assert r.returncode == 0, r.stdout[-3000:]  # the same run against itself: no regression
+    raised = tmp_path / "raised.jsonl"
+    raised.write_text("".join(json.dumps({**d, "asrd": d["asrd"] + 0.06} if d.get("case") == "repair" else d) + "\n"
+                              for d in rows))
+    r = _pytest([*args, "--baseline", str(raised)], env, "bench/test_repair.py")
+    assert r.returncode == 1 and "ASRD" in r.stdout, r.stdout[-3000:]

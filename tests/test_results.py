@@ -57,3 +57,22 @@ def test_read_names_the_corrupt_line(tmp_path):
         read(p)
     with pytest.raises(FileNotFoundError):
         read(tmp_path / "missing.jsonl")
+
+
+def test_baseline_flags_repair_asrd_drops_and_cad_rises_beyond_tolerance(tmp_path):
+    def repair(asrd, cad, outcome="passed"):
+        return {"kind": "case", "case": "repair", "nodeid": "bench/test_repair.py::test_repair[clp-prune-e1]",
+                "outcome": outcome, "wji": 0.5, "time_s": 1.0, "asrd": asrd, "cad": cad}
+
+    results = tmp_path / "run.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in ({"kind": "header", "schema": 1}, repair(0.80, 0.10))))
+    base = Baseline.load(results, repair_tol=0.05)
+    assert base.compare(repair(0.76, 0.14)) == []  # within 0.05 both ways
+    assert base.compare(repair(0.95, 0.00)) == []  # better is never a regression
+    assert [str(r).split(": ")[1].split(" ")[0] for r in base.compare(repair(0.74, 0.10))] == ["ASRD"]
+    assert [str(r).split(": ")[1].split(" ")[0] for r in base.compare(repair(0.80, 0.16))] == ["CAD"]
+    assert len(base.compare(repair(0.50, 0.50))) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({**repair(0.8, 0.1), "asrd": "high"}) + "\n")
+    with pytest.raises(ValueError, match="asrd must be a finite number"):
+        Baseline.load(bad)
