@@ -660,6 +660,7 @@ class Database:
         reader needs; a writer (``bd4nn build``) creates it. A path to a file is never a database."""
         self.root = Path(root).expanduser()
         self._index_cache: tuple[tuple[int, int, int], dict[str, dict]] | None = None
+        self._parent_memo: dict | None = None  # set only while verify() runs
         if self.root.exists() and not self.root.is_dir():
             raise DatabaseError(f"{self.root}: is a file, not a database folder; give --db a folder")
         if must_exist and not (self.root / INDEX).is_file():
@@ -751,6 +752,16 @@ class Database:
 
     def _read_benign_state(self, dataset: str, arch: str, weights: dict, *, verify: bool,
                            expected_sha: str | None = None) -> tuple[dict[str, torch.Tensor], bytes]:
+        memo_key = (dataset, arch, weights.get("sha256"), expected_sha, verify)
+        if self._parent_memo is not None and memo_key in self._parent_memo:
+            return self._parent_memo[memo_key]  # verify: each parent is read and hashed once
+        got = self._read_benign_state_uncached(dataset, arch, weights, verify=verify, expected_sha=expected_sha)
+        if self._parent_memo is not None:
+            self._parent_memo[memo_key] = got
+        return got
+
+    def _read_benign_state_uncached(self, dataset: str, arch: str, weights: dict, *, verify: bool,
+                                    expected_sha: str | None) -> tuple[dict[str, torch.Tensor], bytes]:
         wpath = self.benign_path(dataset, arch)
         blob = _read(wpath, "the benign parent's weights", root=self.root,
                      max_bytes=weights.get("bytes") if isinstance(weights.get("bytes"), int) else None)
@@ -1194,6 +1205,7 @@ class Database:
         benign_docs = sorted(self.root.glob(f"*/*/{BENIGN_RECORD}")) if self.root.is_dir() else []
         bar = tqdm(total=len(index) + len(benign_docs), desc="verify", unit="entry",
                    disable=not progress, dynamic_ncols=True)
+        self._parent_memo = {}
         try:
             for id_, line in sorted(index.items()):
                 try:
@@ -1212,6 +1224,7 @@ class Database:
                 bar.update(1)
         finally:
             bar.close()
+            self._parent_memo = None
         return list(dict.fromkeys(problems))  # de-duplicated, in order
 
     def _check_rejected(self, line: dict) -> None:
