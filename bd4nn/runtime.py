@@ -21,6 +21,12 @@ same path, ``torch.autocast("cpu", dtype=torch.bfloat16)`` plus channels_last, s
 layout bugs of the GPU path show up on a CPU-only machine (slowly: a CPU without bf16 units
 emulates it). ``BD4NN_BF16=0`` turns autocast off on CUDA too.
 
+**Inference batch.** On the CPU a forward pass without gradients runs fastest at a batch small
+enough for its activations to stay in cache: measured on the 2-core machine (width-1/8 `small`
+parents, fp32, channels_last), batch 128 against 1024 gave 2.4x the img/s for VGG-13 and 2.8x for
+ResNet-18 with two threads, 2.2x and 2.4x with one. Accelerators want the large batch
+(``eval_batch_size``).
+
 **Float conversion.** Images travel as uint8 and become float [0,1] at the last moment
 (``to_float``), on the device.
 
@@ -42,7 +48,7 @@ import torch
 from torch import nn
 
 __all__ = ["THREADS_ENV", "BF16_ENV", "cpu_cores", "default_threads", "set_threads", "threads",
-           "use_channels_last", "place", "cuda_path", "amp_enabled", "autocast", "to_float", "PeakMemory",
+           "use_channels_last", "place", "eval_batch_size", "cuda_path", "amp_enabled", "autocast", "to_float", "PeakMemory",
            "frozen", "model_device", "working_copy"]
 
 THREADS_ENV = "BD4NN_THREADS"
@@ -93,6 +99,15 @@ def use_channels_last(device: torch.device, requested: bool | None = None) -> bo
     if requested is not None:
         return bool(requested)
     return device.type in ("cuda", "cpu")
+
+
+CPU_EVAL_BATCH = 128  # module docstring, "Inference batch"
+ACCELERATOR_EVAL_BATCH = 1024
+
+
+def eval_batch_size(device: torch.device | str) -> int:
+    """The batch of a gradient-free forward pass on ``device``: small on the CPU, large elsewhere."""
+    return CPU_EVAL_BATCH if torch.device(device).type == "cpu" else ACCELERATOR_EVAL_BATCH
 
 
 def place(model: torch.nn.Module, device: torch.device | str) -> torch.nn.Module:

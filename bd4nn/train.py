@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from bd4nn.errors import UnknownNameError
 from bd4nn.metrics import attack_success_rate, clean_accuracy
 from bd4nn.neurons import NeuronMap
-from bd4nn.runtime import amp_enabled, autocast, to_float, use_channels_last
+from bd4nn.runtime import amp_enabled, autocast, eval_batch_size, to_float, use_channels_last
 
 __all__ = [
     "TrainConfig",
@@ -398,7 +398,7 @@ def predict(
     x: torch.Tensor,
     *,
     device: str | torch.device | None = None,
-    batch_size: int = 1024,
+    batch_size: int | None = None,
     transform: Trigger | None = None,
     amp: bool | None = None,
 ) -> torch.Tensor:
@@ -406,8 +406,10 @@ def predict(
 
     ``transform`` maps a float [0,1] batch to another (e.g. a trigger). The model's own mode
     is restored afterwards; its memory format is left as it is (``bd4nn.runtime.place``).
+    ``batch_size`` defaults to the device's (``bd4nn.runtime.eval_batch_size``).
     """
     dev = resolve_device(device) if device is not None else next(model.parameters()).device
+    batch_size = batch_size or eval_batch_size(dev)
     was_training = model.training
     model.to(dev).eval()
     preds = []

@@ -136,3 +136,25 @@ print(big.delta_mib, small.delta_mib)
     big, small = map(float, out.stdout.split())
     assert 60 <= big  # 64 MiB touched
     assert small < 32  # the first stage's peak was forgotten
+
+
+def test_predict_batches_small_on_the_cpu_and_large_elsewhere():
+    assert runtime.eval_batch_size("cpu") == runtime.CPU_EVAL_BATCH < runtime.ACCELERATOR_EVAL_BATCH
+    assert runtime.eval_batch_size(torch.device("cuda", 0)) == runtime.ACCELERATOR_EVAL_BATCH
+    seen: list[int] = []
+
+    class Count(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3, 10))
+
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return x.mean((2, 3)) @ self.w
+
+    n = 2 * runtime.CPU_EVAL_BATCH + 5
+    out = predict(Count(), torch.rand(n, 3, 4, 4), device="cpu")
+    assert seen == [runtime.CPU_EVAL_BATCH, runtime.CPU_EVAL_BATCH, 5] and out.shape == (n,)
+    seen.clear()
+    predict(Count(), torch.rand(n, 3, 4, 4), device="cpu", batch_size=n)  # the caller's batch wins
+    assert seen == [n]
