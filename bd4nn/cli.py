@@ -178,15 +178,20 @@ def _build_args(p: argparse.ArgumentParser) -> None:
                    help="build every N-th candidate starting at I (parallel processes)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     p.add_argument("--data", metavar="PATH", help="dataset archive folder (default: $BD4NN_DATA)")
+    p.add_argument("--workers", type=number(int, 1), default=1, metavar="N",
+                   help="build in N processes at once, sharing the cores (--threads is then per process; "
+                        "on a CPU, small models build faster in 2 one-thread processes than in one)")
 
 
 @command("build", "build or resume the database of infected models for a profile", _build_args)
 def _build(args: argparse.Namespace) -> int:
-    from bd4nn.build import build, load_profile
+    from bd4nn.build import build, build_parallel, load_profile
 
     profile = load_profile(args.profile)
-    stats = build(args.db, profile, datasets=args.datasets, archs=args.archs, attacks=args.attacks,
-                  levels=args.levels, shard=args.shard, device=args.device, data_root=args.data)
+    kw = dict(datasets=args.datasets, archs=args.archs, attacks=args.attacks, levels=args.levels,
+              shard=args.shard, device=args.device, data_root=args.data)
+    stats = build_parallel(args.db, profile, workers=args.workers, threads=args.threads, **kw) if args.workers > 1 \
+        else build(args.db, profile, **kw)
     d = stats.to_dict()
     per = f"{d['mean_candidate_seconds']:.2f} s per candidate" if d["mean_candidate_seconds"] else "nothing new"
     print(f"{profile.name}: {stats.planned} planned, {stats.skipped} already built, {stats.built} built "

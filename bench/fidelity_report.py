@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from bd4nn.build import build, load_profile, plan  # noqa: E402
+from bd4nn.build import build, build_parallel, load_profile, plan  # noqa: E402
 from bd4nn.data import DATA_ENV, data_folder  # noqa: E402
 from bd4nn.db import Database  # noqa: E402
 from bd4nn.results import database_summary, git_hash  # noqa: E402
@@ -126,6 +126,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--notes", type=Path, metavar="FILE",
                    help="a Markdown file of analysis written by hand (e.g. why targets are missed), "
                         "included under its own heading, marked as such")
+    p.add_argument("--workers", type=int, default=1,
+                   help="build in N processes at once (bd4nn build --workers; --threads is then per process)")
     p.add_argument("--asr-target", type=float, default=0.95)
     p.add_argument("--ca-drop-target", type=float, default=0.08)
     args = parse(p, argv)
@@ -137,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     built = 0
     if not args.no_build:
-        built = build(args.db, profile, data_root=data, progress=True).built
+        built = (build_parallel(args.db, profile, workers=args.workers, threads=args.threads, data_root=data)
+                 if args.workers > 1 else build(args.db, profile, data_root=data, progress=True)).built
     build_wall = time.perf_counter() - t0
     db = Database(args.db)
     missing = [it.id for it in plan(profile) if not db.has_entry(it.id)]
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fidelity_report: pytest exited {rc}", file=sys.stderr)
             return rc
 
-    runs = [*([] if args.no_build else [f"bd4nn build --db {args.db} --profile {args.profile}"]),
+    workers = f" --workers {args.workers}" if args.workers > 1 else ""
+    runs = [*([] if args.no_build else [f"bd4nn build --db {args.db} --profile {args.profile}{workers}"]),
             *([shlex.join(["pytest", *cmd[3:]])] if bench_wall is not None else []),
             *([f"python -m reports {' '.join(str(r) for r in all_results)} --format md"] if not args.skip_bench else [])]
     head = [f"# Fidelity report: the `{profile.name}` profile", "",
