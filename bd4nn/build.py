@@ -37,7 +37,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bd4nn.attacks import InjectionRecipe, attack_class, get_attack, list_attacks
-from bd4nn.data import ImageData, load_dataset
+from bd4nn.data import ImageData, evaluation_subset, load_dataset, training_subset
 from bd4nn.db import BenignRecord, Database, DefectLabel, benign_timing_key, entry_id
 from bd4nn.errors import BadInputError, UserError
 from bd4nn.inject import LEVELS, CandidateOutcome, candidate_selection, rank_by_contribution, run_candidate
@@ -46,7 +46,6 @@ from bd4nn.neurons import NeuronMap, Selection
 from bd4nn.runtime import default_threads, place, set_threads
 from bd4nn.settings import SettingError, coerce_fields
 from bd4nn.train import TrainConfig, benign_recipe, evaluate_ca, resolve_device, train
-from bd4nn.verify import seeded_subset
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,7 +53,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["Profile", "PlanItem", "load_profile", "list_profiles", "plan", "build", "BuildStats", "candidate_label",
-           "ensure_benign", "PreparedParent", "prepare_parent", "build_candidate", "build_parallel"]
+           "ensure_benign", "PreparedParent", "prepare_parent", "build_candidate", "build_parallel", "record_run", "RUN_KEY"]
 
 
 class ProfileError(UserError, ValueError):
@@ -260,6 +259,9 @@ def plan(
 # ------------------------------------------------------------------------------ the build
 
 
+RUN_KEY = "run:"  # timings.jsonl keys of whole build runs (``record_run``)
+
+
 @dataclass
 class BuildStats:
     planned: int = 0
@@ -354,8 +356,8 @@ def prepare_parent(db: Database, profile: Profile, dataset: str, arch: str, data
                    device: torch.device, progress: bool, wait: bool = True) -> PreparedParent | None:
     """The benign parent (trained now if the database lacks it) and its rule-1 ranking; without
     ``wait``, None while another process trains it."""
-    train_xy = seeded_subset(data.train_x, data.train_y, profile.train_subset, profile.seed)
-    test_xy = seeded_subset(data.test_x, data.test_y, profile.test_subset, profile.seed + 1)
+    train_xy = training_subset(data, profile.train_subset, profile.seed)
+    test_xy = evaluation_subset(data, profile.test_subset, profile.seed)
     found = ensure_benign(db, profile, dataset, arch, data, train_xy, test_xy, device=device, progress=progress,
                           wait=wait)
     if found is None:
@@ -492,7 +494,19 @@ def build(
     finally:
         bar.close()
         stats.seconds = time.perf_counter() - t_start
+        if worker is None:  # build_parallel records its run as a whole
+            record_run(db, profile, stats, workers=1, threads=torch.get_num_threads())
     return stats
+
+
+def record_run(db: Database, profile: Profile, stats: BuildStats, *, workers: int, threads: int) -> None:
+    """One line in the database's ``timings.jsonl`` per build run that built something (also one
+    cut short): its wall time, what it built, in how many processes at how many threads each. A
+    build that spans several runs is the sum of its runs (``bd4nn.results.build_runs``)."""
+    if stats.built:
+        db.record_timing(f"{RUN_KEY}{time.time_ns()}-{os.getpid()}", ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                         profile=profile.name,
+                         seconds=stats.seconds, built=stats.built, kept=stats.kept, workers=workers, threads=threads)
 
 
 def build_parallel(
@@ -521,10 +535,12 @@ def build_parallel(
                    for i in range(workers)]
         parts = [f.result() for f in futures]
     built = sum(p.built for p in parts)
-    return BuildStats(planned=parts[0].planned, skipped=parts[0].planned - built, built=built,
-                      kept=sum(p.kept for p in parts), rejected=sum(p.rejected for p in parts),
-                      seconds=time.perf_counter() - t0,
-                      candidate_seconds=[t for p in parts for t in p.candidate_seconds])
+    stats = BuildStats(planned=parts[0].planned, skipped=parts[0].planned - built, built=built,
+                       kept=sum(p.kept for p in parts), rejected=sum(p.rejected for p in parts),
+                       seconds=time.perf_counter() - t0,
+                       candidate_seconds=[t for p in parts for t in p.candidate_seconds])
+    record_run(Database(db_root), profile, stats, workers=workers, threads=per)
+    return stats
 
 
 def _build_worker(db_root: str, profile: Profile, threads: int, progress: bool, worker: int,

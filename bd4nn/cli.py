@@ -9,13 +9,14 @@ set ``BD4NN_DEBUG=1`` to get the full traceback instead.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from bd4nn.argtypes import Parser, number, setting, shard
 
 __all__ = ["main", "command", "COMMANDS"]
 
@@ -28,36 +29,6 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {}
-
-
-def number(kind: type, low: float | None = None, *, above: bool = False, high: float | None = None):
-    """An argparse ``type``: a finite ``int``/``float`` with bounds (``above``: strictly above ``low``).
-    ``int`` refuses "1.5"; ``float`` refuses inf and nan. The message names the problem."""
-    noun = "a whole number" if kind is int else "a number"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except (TypeError, ValueError):
-            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}") from None
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
-        if low is not None and (value < low or (above and value == low)):
-            raise argparse.ArgumentTypeError(f"{text!r} must be {'>' if above else '>='} {low:g}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{text!r} must be <= {high:g}")
-        return value
-
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
-
-
-class _Parser(argparse.ArgumentParser):
-    """One line for a usage mistake (argparse prints the whole usage block by default)."""
-
-    def error(self, message: str):  # type: ignore[override]
-        print(f"{self.prog}: error: {message} (see `{self.prog} --help`)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentParser], None]):
@@ -87,28 +58,74 @@ def _models_args(p: argparse.ArgumentParser) -> None:
 def _models(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
+    from bd4nn.data import get_spec
     from bd4nn.models import get_model, list_models
     from bd4nn.neurons import NeuronMap
 
-    num_classes = args.num_classes
-    if args.dataset:
-        from bd4nn.data import get_spec
-
-        num_classes = get_spec(args.dataset).num_classes
-    names = args.names or list_models()
-    rows, details = [], []
-    for name in names:
-        model = get_model(name, num_classes, width=args.width)
-        nm = NeuronMap(model)
-        params = sum(p.numel() for p in model.parameters())
-        rows.append([name, len(nm), nm.total, nm.penultimate, f"{params / 1e6:.2f}M"])
-        if args.layers:
-            details.append((name, [[layer.name, layer.bn_name, layer.size] for layer in nm]))
+    num_classes = get_spec(args.dataset).num_classes if args.dataset else args.num_classes
+    maps = {name: NeuronMap(get_model(name, num_classes, width=args.width)) for name in args.names or list_models()}
     print(f"{num_classes} classes, width {args.width:g}")
-    print(tabulate(rows, headers=["model", "neuron layers", "neurons", "penultimate layer", "parameters"]))
-    for name, table in details:
+    print(tabulate([[name, len(nm), nm.total, nm.penultimate, f"{sum(p.numel() for p in nm.model.parameters()) / 1e6:.2f}M"]
+                    for name, nm in maps.items()], headers=["model", "neuron layers", "neurons", "penultimate layer",
+                                                          "parameters"]))
+    for name, nm in maps.items() if args.layers else ():
         print(f"\n{name}")
-        print(tabulate(table, headers=["layer (conv)", "BatchNorm", "neurons"]))
+        print(tabulate([[layer.name, layer.bn_name, layer.size] for layer in nm],
+                       headers=["layer (conv)", "BatchNorm", "neurons"]))
+    return 0
+
+
+# ------------------------------------------------------------------------------- listings
+
+
+def _names_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", nargs="*", help="only these (default: all registered)")
+
+
+def _print_settings(title: str, settings_cls: type) -> None:
+    from tabulate import tabulate
+
+    from bd4nn.settings import describe_settings
+
+    rows = describe_settings(settings_cls)
+    print(title)
+    print(tabulate(rows, headers=["setting", "default", "source of the default / note"]) if rows else "(no settings)")
+    print()
+
+
+@command("localizers", "list the localizers: scope, what a high score means, settings and their defaults",
+         _names_args)
+def _localizers(args: argparse.Namespace) -> int:
+    from localizers import list_localizers, localizer_class
+
+    for name in args.names or list_localizers():
+        cls = localizer_class(name)
+        _print_settings(f"{name} (scope: {cls.scope}){': ' + cls.summary if cls.summary else ''}", cls.Settings)
+    print("override a setting: bd4nn localize ... --set KEY=VALUE, or a profile's [bench.localizers.<name>]")
+    return 0
+
+
+@command("attacks", "list the attacks: kind, settings and their defaults", _names_args)
+def _attacks(args: argparse.Namespace) -> int:
+    from bd4nn.attacks import attack_class, list_attacks
+
+    for name in args.names or list_attacks():
+        cls = attack_class(name)
+        _print_settings(f"{name} ({cls.kind})", cls.Settings)
+    return 0
+
+
+@command("profiles", "list the built-in profiles: what each builds and how many candidates", _names_args)
+def _profiles(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from bd4nn.build import list_profiles, load_profile, plan
+
+    rows = []
+    for name in args.names or list_profiles():
+        p = load_profile(name)
+        rows.append([name, len(plan(p)), ", ".join(p.datasets), ", ".join(p.archs), f"{p.width:g}", p.description])
+    print(tabulate(rows, headers=["profile", "candidates", "datasets", "archs", "width", "description"]))
     return 0
 
 
@@ -139,32 +156,15 @@ def _data(args: argparse.Namespace) -> int:
     data = load_dataset(args.dataset, args.data, download=not args.no_download)
     seconds = time.perf_counter() - t0
     split = clean_split(len(data.train_y), args.fraction, args.seed)
-    rows = [
-        ["source", data.source],
-        ["classes", data.num_classes],
-        ["train images", len(data.train_y)],
-        ["test images", len(data.test_y)],
-        [f"clean split ({args.fraction:g}, seed {args.seed})", len(split)],
-        ["image shape", "x".join(str(s) for s in data.train_x.shape[1:])],
-        ["load time", f"{seconds:.2f} s"],
-    ]
-    print(tabulate(rows, tablefmt="plain"))
-    names = ", ".join(data.classes[:12]) + (" ..." if data.num_classes > 12 else "")
-    print(f"class names: {names}")
+    print(tabulate([["source", data.source], ["classes", data.num_classes], ["train images", len(data.train_y)],
+                    ["test images", len(data.test_y)], [f"clean split ({args.fraction:g}, seed {args.seed})", len(split)],
+                    ["image shape", "x".join(str(s) for s in data.train_x.shape[1:])],
+                    ["load time", f"{seconds:.2f} s"]], tablefmt="plain"))
+    print(f"class names: {', '.join(data.classes[:12])}{' ...' if data.num_classes > 12 else ''}")
     return 0
 
 
 # -------------------------------------------------------------------------------- database
-
-
-def _shard(text: str) -> tuple[int, int]:
-    try:
-        i, n = (int(v) for v in text.split("/"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--shard takes I/N (e.g. 0/4), not {text!r}") from None
-    if not (n >= 1 and 0 <= i < n):
-        raise argparse.ArgumentTypeError(f"--shard I/N needs 0 <= I < N, got {text}")
-    return i, n
 
 
 def _build_args(p: argparse.ArgumentParser) -> None:
@@ -174,7 +174,7 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--archs", nargs="+", help="only these architectures of the profile")
     p.add_argument("--attacks", nargs="+", help="only these attacks of the profile")
     p.add_argument("--levels", nargs="+", help="only these levels (narrow small middle large)")
-    p.add_argument("--shard", type=_shard, default=(0, 1), metavar="I/N",
+    p.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
                    help="build every N-th candidate starting at I (parallel processes)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     p.add_argument("--data", metavar="PATH", help="dataset archive folder (default: $BD4NN_DATA)")
@@ -203,81 +203,40 @@ def _db_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("db", type=Path, help="database folder")
 
 
-def _summary_rows(lines: list[dict]) -> list[list]:
-    """Per (dataset, arch, attack): kept, rejected and mean CA / ASR / ASR.Cor of the kept."""
-    from statistics import mean
-
-    groups: dict[tuple, list[dict]] = {}
-    for line in lines:
-        key = (line["dataset"], line["arch"], line["attack"])
-        groups.setdefault(key, []).append(line)
-    rows = []
-    for key, group in sorted(groups.items()):
-        kept = [g for g in group if g["kept"]]
-        fmt = lambda k: f"{100 * mean(g[k] for g in kept):.1f}" if kept else ""  # noqa: E731
-        cor = f"{mean(g['asr_cor'] for g in kept):.3f}" if kept else ""
-        rows.append([*key, len(kept), len(group) - len(kept), fmt("ca"), fmt("asr"), cor])
-    return rows
-
-
 @command("list", "per directory: kept and rejected counts, mean CA / ASR / ASR.Cor", _db_args)
 def _list(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
     from bd4nn.db import Database
+    from bd4nn.results import directory_lines
 
     lines = Database(args.db, must_exist=True).entries(kept=None)
-    if not lines:
-        print(f"{args.db}: no entries")
-        return 0
-    print(tabulate(_summary_rows(lines),
-                   headers=["dataset", "arch", "attack", "kept", "rejected", "CA %", "ASR %", "ASR.Cor"]))
+    rows = [[d["dataset"], d["arch"], d["attack"], d["kept"], d["rejected"]]
+            + [f"{100 * d[k]:.1f}" if d[k] is not None else "" for k in ("mean_ca", "mean_asr")]
+            + ["" if d["mean_asr_cor"] is None else f"{d['mean_asr_cor']:.3f}"]
+            for d in directory_lines(lines, by_level=False)]
+    print(tabulate(rows, headers=["dataset", "arch", "attack", "kept", "rejected", "CA %", "ASR %", "ASR.Cor"])
+          if rows else f"{args.db}: no entries")
     return 0
 
 
 @command("info", "per directory and level: kept/rejected, mean CA / ASR / ASR.Cor against the benign parent, "
                  "storage", _db_args)
 def _info(args: argparse.Namespace) -> int:
-    from tabulate import tabulate
-
     from bd4nn.db import Database
-    from bd4nn.results import database_summary
+    from bd4nn.results import database_tables
 
     db = Database(args.db, must_exist=True)
-    lines = db.entries(kept=None)
-    if not lines:
-        print(f"{args.db}: no entries")
-        return 0
-    rows, parents = database_summary(db)
-    if parents:
-        print(tabulate([[p["dataset"], p["arch"], f"{p['width']:g}", f"{100 * p['ca']:.2f}", p["epochs"],
-                         p["train_images"], p["test_images"], _secs(p["seconds"])] for p in parents],
-                       headers=["dataset", "arch", "width", "benign CA %", "epochs", "train images",
-                                "test images", "train time"]))
-        print()
-    pct = lambda v: "" if v is None else f"{100 * v:.1f}"  # noqa: E731
-    print(tabulate([[d["dataset"], d["arch"], d["attack"], d["level"], d["kept"], d["rejected"], pct(d["mean_ca"]),
-                     "" if d["ca_drop"] is None else f"{100 * d['ca_drop']:.1f}", pct(d["mean_asr"]),
-                     "" if d["mean_asr_cor"] is None else f"{d['mean_asr_cor']:.3f}",
-                     "" if d["size"] is None else f"{100 * d['size']:.2f}"] for d in rows],
-                   headers=["dataset", "arch", "attack", "level", "kept", "rejected", "CA %", "CA drop pts",
-                            "ASR %", "ASR.Cor", "size % of full"]))
-    kept = [g for g in lines if g["kept"]]
-    print(f"\n{len(kept)} kept of {len(lines)} candidates; means over kept entries; CA drop = benign CA - CA")
+    print(database_tables(db) if db.entries(kept=None) else f"{args.db}: no entries")
     return 0
-
-
-def _secs(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
 
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
     _db_args(p)
     p.add_argument("--remeasure", type=number(int, 0), default=0, metavar="N",
                    help="also re-measure CA / ASR / ASR.Cor of N kept entries against their labels")
-    p.add_argument("--tolerance", type=number(float, 0, high=1), default=0.02, help="allowed difference (default 0.02)")
+    p.add_argument("--tolerance", type=number(float, 0, high=1), help="allowed difference (default: "
+                   "bd4nn.verify.TOLERANCE, 0.02, as in pytest bench/)")
     p.add_argument("--device", default="auto")
     p.add_argument("--data", metavar="PATH", help="dataset archive folder (default: $BD4NN_DATA)")
 
@@ -295,33 +254,18 @@ def _verify(args: argparse.Namespace) -> int:
     if args.remeasure:
         from bd4nn.verify import remeasure
 
-        bad = remeasure(db, args.remeasure, tolerance=args.tolerance, device=args.device, data_root=args.data)
-        problems += bad
+        problems += remeasure(db, args.remeasure, tolerance=args.tolerance, device=args.device, data_root=args.data)
     return 1 if problems else 0
 
 
 # ------------------------------------------------------------------------------- localize
 
 
-def _setting(text: str) -> tuple[str, object]:
-    """``key=value`` with the value parsed as JSON when it parses (numbers, true/false, lists)."""
-    import json
-
-    if "=" not in text:
-        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, not {text!r}")
-    key, raw = text.split("=", 1)
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
-
-
 def _localize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", required=True, type=Path, help="database folder")
     p.add_argument("--entry", required=True, help="entry id (`bd4nn list` / index.jsonl)")
     p.add_argument("--localizer", required=True, help="fp, nc, anp, clp, deepmufl, slicer, pfl, random, ...")
-    p.add_argument("--set", dest="settings", action="append", type=_setting, default=[], metavar="KEY=VALUE",
+    p.add_argument("--set", dest="settings", action="append", type=setting, default=[], metavar="KEY=VALUE",
                    help="override a localizer setting (repeatable), e.g. --set steps=100")
     p.add_argument("--clean-images", type=number(int, 1), help="use only this many of the 5%% clean images")
     p.add_argument("--seed", type=number(int, 0), default=0)
@@ -342,23 +286,15 @@ def _localize(args: argparse.Namespace) -> int:
     loc = make_localizer(args.localizer, ctx.label, **dict(args.settings))
     res = localize(ctx, loc, seed=args.seed)
     fault = ctx.label.s_fault
-    rows = []
-    for layer in res.scores:
-        k = len(fault.get(layer, []))
-        if k == 0:
-            continue
-        found = res.selection.get(layer, [])
-        hit = sorted(set(found) & set(fault[layer]))
-        rows.append([layer, k, " ".join(map(str, found)), " ".join(map(str, fault[layer])), len(hit)])
-    uncovered = [layer for layer in fault if layer not in res.scores]
     print(f"{args.localizer} on {args.entry} ({ctx.label.attack}, {ctx.label.level}; "
           f"{len(ctx.clean_y)} clean images, {ctx.device})")
-    print(tabulate(rows, headers=["layer", "k", "top-k localized", "fault", "hits"]))
-    if uncovered:
-        n = sum(len(fault[layer]) for layer in uncovered)
-        print(f"({n} fault neurons in {len(uncovered)} layers outside {args.localizer}'s scope)")
-    fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
-    m = res.metrics()
+    print(tabulate([[layer, len(f), " ".join(map(str, found)), " ".join(map(str, f)), h]
+                    for layer, found, f, h in res.by_layer(fault)],
+                   headers=["layer", "k", "top-k localized", "fault", "hits"]))
+    neurons, layers = res.outside_scope(fault)
+    if layers:
+        print(f"({neurons} fault neurons in {layers} layers outside {args.localizer}'s scope)")
+    m, fmt = res.metrics(), (lambda v: "n/a" if v is None else f"{v:.4f}")
     print(f"\nWJI {m['wji']:.4f}   hits {m['hits']}/{m['n_fault']}   AUROC {fmt(m['auroc'])}   "
           f"AP {fmt(m['ap'])}   time {m['time_s']:.3f} s")
     return 0
@@ -377,17 +313,16 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
 def _bench(args: argparse.Namespace) -> int:
     import subprocess
 
+    from reports.cli import main as report_main
+
     root = Path(__file__).resolve().parent.parent
     if not (root / "bench" / "conftest.py").is_file():
         raise FileNotFoundError(f"{root / 'bench'}: the benchmark cases are not here; run bd4nn bench from "
                                 "a checkout installed with `pip install -e .`")
+    results_opt = argparse.ArgumentParser(add_help=False)
+    results_opt.add_argument("--results", type=Path)
     extra = list(args.pytest_args)
-    results = None
-    for i, a in enumerate(extra):
-        if a == "--results" and i + 1 < len(extra):
-            results = Path(extra[i + 1])
-        elif a.startswith("--results="):
-            results = Path(a.split("=", 1)[1])
+    results = results_opt.parse_known_args(extra)[0].results
     if results is None:
         results = root / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
         extra += ["--results", str(results)]
@@ -395,46 +330,51 @@ def _bench(args: argparse.Namespace) -> int:
     print("bd4nn bench:", " ".join(cmd[2:]), flush=True)
     rc = subprocess.call(cmd, cwd=root)
     if results.is_file():
-        import reports
-
-        res = reports.load([results])
-        tables = reports.build_tables(res)
-        for line in res.provenance():
-            print(line)
-        for name in ("III", "IV", "V", "VI"):
-            if name in tables:
-                print()
-                print(reports.render(tables[name], "md", provenance=False))
+        print()
+        report_main([str(results), "--tables", "III,IV,V,VI"])
         print(f"\nresults: {results}\nall tables: python -m reports {results} [--format md|latex|csv] [--out DIR]")
     return rc
 
 
 def _baseline_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("action", choices=["save"], help="save: keep a results file as the baseline")
-    p.add_argument("results", type=Path, help="results file (results/<run>.jsonl)")
+    p.add_argument("action", choices=["save", "diff"],
+                   help="save: keep a results file as the baseline; diff: what changed between two files")
+    p.add_argument("files", type=Path, nargs="+", metavar="FILE", help="save: RESULTS; diff: A B")
     p.add_argument("--out", type=Path, default=Path("bench/baselines/tiny.jsonl"),
-                   help="baseline file to write (default: bench/baselines/tiny.jsonl)")
+                   help="save: the baseline file to write (default: bench/baselines/tiny.jsonl)")
+    p.add_argument("--overwrite", action="store_true", help="save: replace an existing baseline file")
+    p.add_argument("--partial", action="store_true", help="save: accept a run filtered with -k or with failures")
 
 
-@command("baseline", "save a results file as the regression baseline (`pytest bench/ --baseline FILE`)",
-         _baseline_args)
+@command("baseline", "save a results file as the regression baseline, or diff two results files", _baseline_args)
 def _baseline(args: argparse.Namespace) -> int:
-    from bd4nn.results import save_baseline
+    from tabulate import tabulate
 
-    n = save_baseline(args.results, args.out)
-    print(f"baseline {args.out}: {n} cases from {args.results}")
+    from bd4nn.errors import BadInputError
+    from bd4nn.results import diff_results, save_baseline
+
+    if len(args.files) != {"save": 1, "diff": 2}[args.action]:
+        raise BadInputError(f"baseline {args.action} takes {'RESULTS' if args.action == 'save' else 'A B'}")
+    if args.action == "diff":
+        rows = diff_results(*args.files)
+        print(tabulate(rows, headers=["case", "metric", "A", "B", "B - A"]) if rows else "no differences")
+        return 0
+    n = save_baseline(args.files[0], args.out, overwrite=args.overwrite, partial=args.partial)
+    print(f"baseline {args.out}: {n} cases from {args.files[0]}")
     return 0
 
 
 def _report_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("report_args", nargs=argparse.REMAINDER, help="arguments of `python -m reports`")
+    from reports.cli import add_arguments
+
+    add_arguments(p)
 
 
 @command("report", "print the paper's tables from a results file (same as `python -m reports`)", _report_args)
 def _report(args: argparse.Namespace) -> int:
-    from reports.__main__ import main as report_main
+    from reports.cli import run
 
-    return int(report_main(list(args.report_args)) or 0)
+    return run(args)
 
 
 # ----------------------------------------------------------------------------------- main
@@ -450,13 +390,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, ResultsError, FileNotFoundError)
 
 
-PASS_THROUGH = ("bench", "report")  # commands whose arguments go to pytest / python -m reports
+PASS_THROUGH = ("bench", "report")  # commands without --threads (pytest's own option / no torch)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from bd4nn import __version__
 
-    parser = _Parser(
+    parser = Parser(
         prog="bd4nn",
         description="Benchmark of neuron-level backdoor-defect localization in CNNs.",
     )
@@ -475,13 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
-    if extra:  # only `bench` and `report` pass arguments through (to pytest / reports)
-        for key in ("pytest_args", "report_args"):
-            if hasattr(args, key):
-                setattr(args, key, extra + list(getattr(args, key)))
-                break
-        else:
+    if extra:  # only `bench` passes arguments through (to pytest)
+        if not hasattr(args, "pytest_args"):
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.pytest_args = extra + list(args.pytest_args)
     if not getattr(args, "_run", None):
         parser.print_help()
         return 2

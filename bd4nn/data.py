@@ -76,6 +76,9 @@ __all__ = [
     "load_dataset",
     "clean_split",
     "defender_data",
+    "seeded_subset",
+    "training_subset",
+    "evaluation_subset",
     "GENERIC_NAME",
     "IMAGE_SIZE",
     "DATA_ENV",
@@ -799,8 +802,35 @@ def clean_split(n: int, fraction: float = 0.05, seed: int = 0) -> torch.Tensor:
 
 
 def defender_data(
-    data: ImageData, fraction: float = 0.05, seed: int = 0
+    data: ImageData, fraction: float = 0.05, seed: int = 0, images: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(x, y)`` of the seeded clean split of ``data``'s training set (uint8 images, labels)."""
+    """``(x, y)`` of the seeded clean split of ``data``'s training set (uint8 images, labels):
+    the defenders' data of every localizer and repair. ``images`` keeps a seeded subset of that
+    many of them (a profile's ``[bench] clean_images``), in index order."""
     idx = clean_split(len(data.train_y), fraction, seed)
+    if images is not None:
+        idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(seed))[:images]].sort().values
     return data.train_x[idx], data.train_y[idx]
+
+
+# ------------------------------------------------------------------ the build's subsets
+
+
+def seeded_subset(x: torch.Tensor, y: torch.Tensor, k: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A seeded subset of ``k`` images in index order (all images when k is None or too large)."""
+    if k is None or k >= len(y):
+        return x, y
+    idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))[:k].sort().values
+    return x[idx], y[idx]
+
+
+def training_subset(data: ImageData, k: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The training images a build with ``seed`` uses (a profile's ``train_subset``)."""
+    return seeded_subset(data.train_x, data.train_y, k, seed)
+
+
+def evaluation_subset(data: ImageData, k: int | None, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The test images a build with ``seed`` measures its labels on (a profile's ``test_subset``;
+    the label records ``k`` as ``extra["test_images"]`` and ``seed``), so the harness and
+    ``bd4nn verify`` re-measure on the very same images."""
+    return seeded_subset(data.test_x, data.test_y, k, seed + 1)

@@ -9,7 +9,7 @@ from the built-in type it refines (``ValueError``, ``KeyError``).
 
 from __future__ import annotations
 
-__all__ = ["UserError", "UnknownNameError", "BadInputError"]
+__all__ = ["UserError", "UnknownNameError", "BadInputError", "RegistryError"]
 
 
 class UserError(Exception):
@@ -27,3 +27,8 @@ class BadInputError(UserError, ValueError):
     """A value or file the user gave that bd4nn cannot use (a malformed results file, a shard
     out of range, a rejected entry asked to be benchmarked ...)."""
 
+
+
+class RegistryError(UserError, TypeError):
+    """A model, attack, localizer or repair that cannot be registered: it has no name, it does
+    not derive from the registry's base class, or its name is taken (``bd4nn.registry``)."""

@@ -25,14 +25,13 @@ from torch import nn
 
 from bd4nn.errors import BadInputError
 from bd4nn.attacks.base import StampTrigger
-from bd4nn.data import ImageData, clean_split, load_dataset
+from bd4nn.data import ImageData, defender_data, evaluation_subset, load_dataset
 from bd4nn.db import Database, DefectLabel, bit_equal
 from bd4nn.metrics import (auroc, average_precision, flatten_scores, hits, selection_size, tied_layers,
                            top_k_selection, wji)
 from bd4nn.neurons import NeuronMap
 from bd4nn.repair import FinetuneSettings, RepairResult, repair
 from bd4nn.runtime import place
-from bd4nn.verify import seeded_subset
 
 __all__ = ["EntryContext", "Localization", "load_context", "localize", "repair_case", "make_localizer"]
 
@@ -87,25 +86,23 @@ def load_context(
     if not label.kept:
         raise BadInputError(f"entry {entry_id} was rejected by rule 3; only kept entries are benchmark cases")
     ds = (data or {}).get(label.dataset) or load_dataset(label.dataset, data_root, progress=False)
-    idx = clean_split(len(ds.train_y), clean_fraction, clean_seed)
-    if clean_images is not None:
-        idx = idx[torch.randperm(len(idx), generator=torch.Generator().manual_seed(clean_seed))[:clean_images]]
-        idx = idx.sort().values
-    tx, ty = seeded_subset(ds.test_x, ds.test_y, label.extra.get("test_images"), label.seed + 1)
+    cx, cy = defender_data(ds, clean_fraction, clean_seed, images=clean_images)
+    tx, ty = evaluation_subset(ds, label.extra.get("test_images"), label.seed)
     model = place(model, dev).eval()
     return EntryContext(entry_id, label, model, NeuronMap(model), StampTrigger.from_tensors(trig),
-                        ds.train_x[idx], ds.train_y[idx], tx, ty, ds.num_classes, dev)
+                        cx, cy, tx, ty, ds.num_classes, dev)
 
 
 def make_localizer(name: str, label: DefectLabel | None = None, **settings: Any):
-    """A localizer by name; PFL gets the ground truth from the label."""
-    from localizers import get_localizer
+    """A localizer by name; an oracle (``needs_ground_truth``, e.g. PFL) gets the label's S_fault."""
+    from localizers import localizer_class
 
-    if name == "pfl":
+    cls = localizer_class(name)
+    if cls.needs_ground_truth:
         if label is None:
-            raise ValueError("pfl needs the entry's label")
+            raise BadInputError(f"{name} reads the ground truth: it needs the entry's label")
         settings = {**settings, "fault": label.s_fault}
-    return get_localizer(name, **settings)
+    return cls(**settings)
 
 
 @dataclass
@@ -128,6 +125,17 @@ class Localization:
         return {"wji": self.wji, "hits": self.hits, "n_fault": self.n_fault, "n_localized": self.n_localized,
                 "auroc": _finite_or_none(self.auroc), "ap": _finite_or_none(self.ap), "time_s": self.time_s,
                 "tied_layers": len(self.tied), **({"details": self.details} if self.details else {})}
+
+    def by_layer(self, fault: Mapping[str, list[int]]) -> list[tuple[str, list[int], list[int], int]]:
+        """Per fault layer in the localizer's scope: (layer, top-k localized, fault, hits)."""
+        return [(layer, list(self.selection.get(layer, [])), list(fault[layer]),
+                 len(set(self.selection.get(layer, [])) & set(fault[layer])))
+                for layer in self.scores if fault.get(layer)]
+
+    def outside_scope(self, fault: Mapping[str, list[int]]) -> tuple[int, int]:
+        """(fault neurons, fault layers) the localizer does not score (e.g. FP's one layer)."""
+        layers = [layer for layer in fault if layer not in self.scores and fault[layer]]
+        return sum(len(fault[layer]) for layer in layers), len(layers)
 
 
 def _finite_or_none(v: float) -> float | None:
@@ -157,7 +165,7 @@ def localize(ctx: EntryContext, localizer, *, seed: int = 0) -> Localization:
         localizer=localizer.name, scores=scores, selection=sel, wji=wji(fault, sel, label.rc),
         hits=hits(fault, sel), n_fault=selection_size(fault), n_localized=selection_size(sel),
         auroc=auroc(flat, labels), ap=average_precision(flat, labels), time_s=seconds,
-        settings=localizer.config() if localizer.name != "pfl" else {},
+        settings={} if localizer.needs_ground_truth else localizer.config(),
         tied=tied_layers(scores, fault),
         details=localizer.report(),
     )

@@ -26,26 +26,25 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-from bd4nn.errors import UnknownNameError
+from bd4nn.registry import Registry
 
-__all__ = ["Normalize", "VGG", "ResNet", "register_model", "get_model", "list_models"]
+__all__ = ["Normalize", "VGG", "ResNet", "register_model", "get_model", "list_models", "MODELS"]
 
 # Per-channel statistics used when the caller names no dataset (CIFAR-10's usual values).
 DEFAULT_MEAN = (0.4914, 0.4822, 0.4465)
 DEFAULT_STD = (0.2470, 0.2435, 0.2616)
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+MODELS: Registry[Callable[..., nn.Module]] = Registry("model", name_of=lambda fn: fn.__name__)
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
     """Register a builder ``fn(num_classes, width, mean, std) -> nn.Module`` under its name."""
-    _REGISTRY[fn.__name__] = fn
-    return fn
+    return MODELS.register(fn)
 
 
 def list_models(pattern: str = "*") -> list[str]:
     """Names of the registered models matching a shell-style ``pattern``, sorted."""
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatch(n, pattern))
+    return sorted(n for n in MODELS.names() if fnmatch.fnmatch(n, pattern))
 
 
 def get_model(
@@ -61,17 +60,16 @@ def get_model(
 
     ``seed`` makes the initialization reproducible without touching the global RNG state.
     """
-    if name not in _REGISTRY:
-        raise UnknownNameError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    builder = MODELS.get(name)
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     if width <= 0:
         raise ValueError(f"width must be > 0, got {width}")
     if seed is None:
-        return _REGISTRY[name](num_classes=num_classes, width=width, mean=mean, std=std)
+        return builder(num_classes=num_classes, width=width, mean=mean, std=std)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return _REGISTRY[name](num_classes=num_classes, width=width, mean=mean, std=std)
+        return builder(num_classes=num_classes, width=width, mean=mean, std=std)
 
 
 def _scale(channels: int, width: float) -> int:

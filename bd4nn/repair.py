@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
-from bd4nn.errors import BadInputError
 from bd4nn.metrics import asrd, cad
 from bd4nn.neurons import NeuronMap
+from bd4nn.registry import Registry
 from bd4nn.train import TrainConfig, evaluate_asr, evaluate_ca, train
 
 __all__ = ["FinetuneSettings", "RepairResult", "REPAIRS", "list_repairs", "prune", "finetune", "repair"]
@@ -60,19 +60,17 @@ class RepairResult:
 
 
 RepairFn = Callable[..., nn.Module]
-REPAIRS: dict[str, RepairFn] = {}
+REPAIRS: Registry[RepairFn] = Registry("repair", builtins={"prune": "bd4nn.repair:prune",
+                                                             "finetune": "bd4nn.repair:finetune"})
 
 
 def register_repair(name: str) -> Callable[[RepairFn], RepairFn]:
-    def deco(fn: RepairFn) -> RepairFn:
-        REPAIRS[name] = fn
-        return fn
-
-    return deco
+    """Decorator: ``fn(model, neuron_map, selection, **kw)`` repairs ``model`` in place."""
+    return REPAIRS.register(name=name)
 
 
 def list_repairs() -> list[str]:
-    return list(REPAIRS)
+    return REPAIRS.names()
 
 
 @register_repair("prune")
@@ -134,8 +132,7 @@ def repair(
 
     ``before`` = (CA, ASR) of the infected model if already measured (saves two passes).
     """
-    if method not in REPAIRS:
-        raise BadInputError(f"unknown repair {method!r}; known: {', '.join(REPAIRS)}")
+    fix = REPAIRS.get(method)
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     if before is None:
         before = (evaluate_ca(model, test_x, test_y, device=dev),
@@ -144,8 +141,7 @@ def repair(
     nm = NeuronMap(fixed)
     sel = nm.validate(selection)
     t0 = time.perf_counter()
-    REPAIRS[method](fixed, nm, sel, clean_x=clean_x, clean_y=clean_y, settings=finetune_settings,
-                    device=dev, seed=seed)
+    fix(fixed, nm, sel, clean_x=clean_x, clean_y=clean_y, settings=finetune_settings, device=dev, seed=seed)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0

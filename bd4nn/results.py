@@ -12,10 +12,10 @@ A results file is JSON Lines:
 
 CA, ASR, CAD and ASRD are fractions. ``reports/`` reads these files only.
 
-A **baseline** is a results file (or its case lines) kept as the reference. ``compare`` checks a
-case against it: WJI may not fall by more than ``wji_tol``; time may not exceed
-``time_factor × baseline + time_slack`` seconds; a repair's ASRD may not fall, nor its CAD rise,
-by more than ``repair_tol``. The defaults (``TOLERANCES``) are those of ``pytest bench/``.
+A **baseline** is a results file (or its case lines) kept as the reference; cases pair by
+``case_key`` (kind, localizer, repair, entry). ``compare`` checks a case against it: WJI may not
+fall by more than ``wji_tol``; a localization's time may not exceed ``time_factor × baseline +
+time_slack`` seconds; a repair's ASRD may not fall, nor its CAD rise, by more than ``repair_tol``. The defaults (``TOLERANCES``) are those of ``pytest bench/``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import torch
 
 from bd4nn.errors import BadInputError
 
-__all__ = ["SCHEMA", "TOLERANCES", "header", "directory_lines", "database_summary", "case_key", "read", "Baseline", "save_baseline", "Regression"]
+__all__ = ["SCHEMA", "TOLERANCES", "header", "directory_lines", "database_summary", "database_tables", "build_runs", "minutes", "case_key", "CASE_FIELDS", "read", "Baseline", "save_baseline", "diff_results", "Regression"]
 
 SCHEMA = 1
 
@@ -72,15 +72,16 @@ def _mean(values: list[float]) -> float | None:
     return sum(vals) / len(vals) if vals else None
 
 
-def directory_lines(index_lines: Iterable[Mapping[str, Any]], benign_ca: Mapping[tuple[str, str], float] | None = None
-                    ) -> list[dict[str, Any]]:
-    """Per (dataset, arch, attack, level): kept/rejected counts and means over kept entries."""
+def directory_lines(index_lines: Iterable[Mapping[str, Any]], benign_ca: Mapping[tuple[str, str], float] | None = None,
+                    *, by_level: bool = True) -> list[dict[str, Any]]:
+    """Per (dataset, arch, attack, level) — per (dataset, arch, attack) without ``by_level``, the
+    level then None: kept/rejected counts and means over kept entries."""
     groups: dict[tuple, list[Mapping[str, Any]]] = {}
     for line in index_lines:
-        key = (line["dataset"], line["arch"], line["attack"], line["level"])
+        key = (line["dataset"], line["arch"], line["attack"], line["level"] if by_level else None)
         groups.setdefault(key, []).append(line)
     out = []
-    for (dataset, arch, attack, level), lines in sorted(groups.items()):
+    for (dataset, arch, attack, level), lines in sorted(groups.items(), key=lambda kv: tuple(map(str, kv[0]))):
         kept = [ln for ln in lines if ln.get("kept")]
         out.append({
             "kind": "directory", "dataset": dataset, "arch": arch, "attack": attack, "level": level,
@@ -131,11 +132,61 @@ def database_summary(db: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]
     return dirs, parents
 
 
+CASE_FIELDS = ("case", "localizer", "repair", "entry")  # what identifies a case across runs
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "" if v is None else f"{100 * v:.{digits}f}"
+
+
+def minutes(seconds: float | None) -> str:
+    """``"42 s"`` below two minutes, else ``"3.5 min"``; blank when unknown."""
+    if seconds is None:
+        return ""
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+
+
+def build_runs(db: Any) -> list[dict[str, Any]]:
+    """The build runs recorded in the database's ``timings.jsonl`` (``bd4nn.build.record_run``),
+    oldest first: profile, wall seconds, candidates built and kept, processes, threads each."""
+    from bd4nn.build import RUN_KEY  # noqa: PLC0415
+
+    return [t for k, t in sorted(db.timings().items()) if k.startswith(RUN_KEY)]
+
+
+def database_tables(db: Any) -> str:
+    """``bd4nn info``: the benign parents, then per directory and level the kept/rejected counts
+    and the means over kept entries against the parent (``database_summary``)."""
+    from tabulate import tabulate  # noqa: PLC0415
+
+    dirs, parents = database_summary(db)
+    out = []
+    if parents:
+        out += [tabulate([[p["dataset"], p["arch"], f"{p['width']:g}", _pct(p["ca"], 2), p["epochs"], p["train_images"],
+                           p["test_images"], minutes(p["seconds"])] for p in parents],
+                         headers=["dataset", "arch", "width", "benign CA %", "epochs", "train images", "test images",
+                                  "train time"]), ""]
+    out.append(tabulate([[d["dataset"], d["arch"], d["attack"], d["level"], d["kept"], d["rejected"], _pct(d["mean_ca"]),
+                          _pct(d["ca_drop"]), _pct(d["mean_asr"]),
+                          "" if d["mean_asr_cor"] is None else f"{d['mean_asr_cor']:.3f}", _pct(d["size"], 2)]
+                         for d in dirs],
+                        headers=["dataset", "arch", "attack", "level", "kept", "rejected", "CA %", "CA drop pts",
+                                 "ASR %", "ASR.Cor", "size % of full"]))
+    kept = sum(d["kept"] for d in dirs)
+    total = kept + sum(d["rejected"] for d in dirs)
+    out.append(f"\n{kept} kept of {total} candidates; means over kept entries; CA drop = benign CA - CA")
+    runs = build_runs(db)
+    if runs:
+        out.append(f"built in {len(runs)} run(s), {minutes(sum(r.get('seconds') or 0 for r in runs))} wall in all: "
+                   + "; ".join(f"{r.get('built')} candidates in {minutes(r.get('seconds'))} "
+                               f"({r.get('workers')} x {r.get('threads')} threads)" for r in runs))
+    return "\n".join(out)
+
+
 def case_key(case: Mapping[str, Any]) -> str:
-    """What identifies a case across runs: its kind and its pytest parameter id."""
-    nodeid = str(case.get("nodeid", ""))
-    param = nodeid[nodeid.find("[") + 1 : -1] if "[" in nodeid else nodeid
-    return f"{case.get('case')}:{param}"
+    """A case's identity across runs, from its fields (kind, localizer, repair, entry), so that
+    renaming a test or its parameter ids never unpairs a case from its baseline."""
+    return ":".join(str(case.get(k) or "-") for k in CASE_FIELDS)
 
 
 def read(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -159,11 +210,23 @@ def read(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 @dataclass
 class Regression:
-    key: str
-    what: str
+    """One metric of one case worse than its baseline by more than the tolerance."""
+
+    key: str  # case_key
+    metric: str  # "WJI", "time", "ASRD", "CAD"
+    now: float
+    baseline: float
+    limit: str  # the rule it broke, e.g. "< baseline - 0.05"
+    source: str = ""  # the baseline file
 
     def __str__(self) -> str:
-        return f"{self.key}: {self.what}"
+        unit = " s" if self.metric == "time" else ""
+        return (f"{self.key}: {self.metric} {self.now:.4f}{unit} {self.limit.replace('baseline', f'baseline {self.baseline:.4f}{unit}')}"
+                + (f" ({self.source})" if self.source else ""))
+
+    def row(self) -> list:
+        """``[case, metric, baseline, now, change]`` (the end-of-run table of ``pytest bench/``)."""
+        return [self.key, self.metric, f"{self.baseline:.4f}", f"{self.now:.4f}", f"{self.now - self.baseline:+.4f}"]
 
 
 # The one home of the baseline tolerances (``pytest bench/`` takes its option defaults from here).
@@ -185,25 +248,26 @@ class Baseline:
 
     @classmethod
     def load(cls, path: str | os.PathLike, **tolerances: float) -> "Baseline":
-        """A results or baseline file's passed cases; ``wji`` and ``time_s`` must be finite
-        numbers (or null) and each case needs a ``nodeid``, else a ``ValueError`` names the line."""
+        """A results or baseline file's passed cases; ``wji``, ``time_s``, ``cad`` and ``asrd`` must
+        be finite numbers (or null) and each case needs its kind and entry, else a
+        ``BadInputError`` names the line."""
         cases = {}
         for i, ln in enumerate(read(path), 1):
             if ln.get("kind") != "case":
                 continue
-            if not isinstance(ln.get("nodeid"), str) or not ln.get("case"):
-                raise BadInputError(f"{path}: case {i} has no nodeid/case: not a bd4nn results file")
+            if not ln.get("case") or not isinstance(ln.get("entry"), str):
+                raise BadInputError(f"{path}: case {i} has no case/entry field: not a bd4nn results file")
             for key in ("wji", "time_s", "cad", "asrd"):
                 v = ln.get(key)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v)):
-                    raise BadInputError(f"{path}: case {ln['nodeid']}: {key} must be a finite number, not {v!r}")
+                    raise BadInputError(f"{path}: case {case_key(ln)}: {key} must be a finite number, not {v!r}")
             if ln.get("outcome") == "passed":
                 cases[case_key(ln)] = ln
         return cls(cases, source=str(path), **tolerances)
 
-    def matching(self, keys: Iterable[str]) -> int:
-        """How many of ``keys`` (``case_key`` strings) the baseline has a reference for."""
-        return sum(1 for k in keys if k in self.cases)
+    def matching(self, cases: Iterable[Mapping[str, Any]]) -> int:
+        """How many of ``cases`` (dicts of ``CASE_FIELDS``) the baseline has a reference for."""
+        return sum(1 for c in cases if case_key(c) in self.cases)
 
     def compare(self, case: Mapping[str, Any]) -> list[Regression]:
         """Regressions of ``case`` against the baseline (empty: fine or not in the baseline)."""
@@ -212,39 +276,85 @@ class Baseline:
         if ref is None:
             return []
         out = []
+
+        def worse(metric: str, now: Any, then: Any, bad: bool, limit: str) -> None:
+            if isinstance(now, (int, float)) and isinstance(then, (int, float)) and bad:
+                out.append(Regression(key, metric, float(now), float(then), limit, self.source))
+
         w, w0 = case.get("wji"), ref.get("wji")
-        if isinstance(w, (int, float)) and isinstance(w0, (int, float)) and w < w0 - self.wji_tol:
-            out.append(Regression(key, f"WJI {w:.4f} < baseline {w0:.4f} - {self.wji_tol} ({self.source})"))
-        t, t0 = case.get("time_s"), ref.get("time_s")
-        if isinstance(t, (int, float)) and isinstance(t0, (int, float)):
-            limit = self.time_factor * t0 + self.time_slack
-            if t > limit:
-                out.append(Regression(key, f"time {t:.3f} s > {self.time_factor} x baseline {t0:.3f} s + "
-                                           f"{self.time_slack} s ({self.source})"))
+        worse("WJI", w, w0, _num(w) and _num(w0) and w < w0 - self.wji_tol, f"< baseline - {self.wji_tol}")
+        t, t0 = case.get("time_s"), ref.get("time_s")  # a localizer's time; a repair's is not compared
+        worse("time", t, t0, case.get("case") != "repair" and _num(t) and _num(t0)
+              and t > self.time_factor * t0 + self.time_slack,
+              f"> {self.time_factor} x baseline + {self.time_slack} s")
         a, a0 = case.get("asrd"), ref.get("asrd")  # a repair's ASR drop: higher is better
-        if isinstance(a, (int, float)) and isinstance(a0, (int, float)) and a < a0 - self.repair_tol:
-            out.append(Regression(key, f"ASRD {a:.4f} < baseline {a0:.4f} - {self.repair_tol} ({self.source})"))
+        worse("ASRD", a, a0, _num(a) and _num(a0) and a < a0 - self.repair_tol, f"< baseline - {self.repair_tol}")
         c, c0 = case.get("cad"), ref.get("cad")  # its CA drop: lower is better
-        if isinstance(c, (int, float)) and isinstance(c0, (int, float)) and c > c0 + self.repair_tol:
-            out.append(Regression(key, f"CAD {c:.4f} > baseline {c0:.4f} + {self.repair_tol} ({self.source})"))
+        worse("CAD", c, c0, _num(c) and _num(c0) and c > c0 + self.repair_tol, f"> baseline + {self.repair_tol}")
         return out
 
 
+def _num(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 BASELINE_FIELDS = ("kind", "case", "nodeid", "outcome", "entry", "localizer", "repair", "wji", "time_s",
-                   "hits", "n_fault", "auroc", "cad", "asrd")
+                   "hits", "n_fault", "n_localized", "auroc", "ap", "cad", "asrd",
+                   # the context, so that `python -m reports BASELINE` prints every table
+                   "dataset", "arch", "attack", "level", "candidate", "ca", "asr", "asr_cor", "benign_ca",
+                   "ca_before", "asr_before", "ca_after", "asr_after")
 
 
-def save_baseline(results: str | os.PathLike, out: str | os.PathLike) -> int:
-    """Write the header and the passed cases of a results file (key metrics only) to ``out``."""
+def save_baseline(results: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,
+                  partial: bool = False) -> int:
+    """Write the header, the database's directory lines and the passed cases of a results file
+    (``BASELINE_FIELDS``) to ``out``; returns the number of cases.
+
+    Refuses to replace an existing file unless ``overwrite``, and a run that was filtered with
+    ``-k`` or had failed cases unless ``partial``: a baseline of part of the cases would pass
+    every case it lacks."""
     lines = read(results)
+    p = Path(out)
+    if p.exists() and not overwrite:
+        raise BadInputError(f"{p} exists; pass --overwrite to replace this baseline")
     head = [ln for ln in lines if ln.get("kind") == "header"]
+    failed = [case_key(ln) for ln in lines if ln.get("kind") == "case" and ln.get("outcome") not in ("passed", "skipped")]
+    keyword = ((head[0].get("options") or {}).get("keyword") if head else None) or ""
+    if (failed or keyword) and not partial:
+        why = [f"{len(failed)} cases did not pass (e.g. {failed[0]})"] if failed else []
+        why += [f"it was filtered with -k {keyword!r}"] if keyword else []
+        raise BadInputError(f"{results}: {' and '.join(why)}; a baseline of part of the cases passes every case "
+                            "it lacks; pass --partial to save it anyway")
+    dirs = [ln for ln in lines if ln.get("kind") == "directory"]
     cases = [{k: ln.get(k) for k in BASELINE_FIELDS if k in ln}
              for ln in lines if ln.get("kind") == "case" and ln.get("outcome") == "passed"]
     if not cases:
         raise BadInputError(f"{results}: no passed cases to make a baseline of")
-    p = Path(out)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_suffix(p.suffix + ".tmp")
-    tmp.write_text("".join(json.dumps(ln, sort_keys=True) + "\n" for ln in head[:1] + cases))
+    tmp.write_text("".join(json.dumps(ln, sort_keys=True) + "\n" for ln in head[:1] + dirs + cases))
     os.replace(tmp, p)
     return len(cases)
+
+
+DIFF_METRICS = ("wji", "time_s", "hits", "cad", "asrd")
+
+
+def diff_results(a: str | os.PathLike, b: str | os.PathLike) -> list[list]:
+    """``[case, metric, A, B, B - A]`` for every metric of ``DIFF_METRICS`` that differs between
+    two results or baseline files, and ``[case, "only in A" / "only in B", ...]`` for unpaired
+    cases (``bd4nn baseline diff``); cases pair by ``case_key``."""
+    def cases(path):
+        return {case_key(ln): ln for ln in read(path) if ln.get("kind") == "case" and ln.get("outcome") == "passed"}
+
+    ca, cb = cases(a), cases(b)
+    rows: list[list] = []
+    for key in sorted(ca.keys() | cb.keys()):
+        if key not in cb or key not in ca:
+            rows.append([key, "only in A" if key in ca else "only in B", "", "", ""])
+            continue
+        for m in DIFF_METRICS:
+            x, y = ca[key].get(m), cb[key].get(m)
+            if _num(x) and _num(y) and x != y:
+                rows.append([key, m, f"{x:.4f}", f"{y:.4f}", f"{y - x:+.4f}"])
+    return rows

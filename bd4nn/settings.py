@@ -11,7 +11,7 @@ from typing import Any
 
 from bd4nn.errors import UserError
 
-__all__ = ["SettingError", "coerce_setting", "coerce_fields"]
+__all__ = ["SettingError", "coerce_setting", "coerce_fields", "describe_settings"]
 
 
 class SettingError(UserError, ValueError):
@@ -100,3 +100,33 @@ def coerce_fields(cls: type, values: dict[str, Any]) -> dict[str, Any]:
         raise SettingError(f"no setting {', '.join(map(repr, unknown))}; the settings are {', '.join(sorted(fields))}")
     hints = _field_types(cls)
     return {k: coerce_setting(k, v, hints.get(k, fields[k].type)) for k, v in values.items()}
+
+
+def describe_settings(settings_cls: type) -> list[tuple[str, str, str]]:
+    """``(name, default, note)`` per field of a Settings dataclass, in order: the default as
+    Python writes it, and the note the field's line carries in the source (``# ANP anp_eps``:
+    where a published default comes from, or why bd4nn differs). For listings such as
+    ``bd4nn localizers``; a field whose line has no comment gets an empty note."""
+    import inspect
+    import re
+    import textwrap
+
+    notes: dict[str, str] = {}
+    try:
+        source = textwrap.dedent(inspect.getsource(settings_cls))
+    except (OSError, TypeError):  # built in a REPL or by make_dataclass: no source to read
+        source = ""
+    for line in source.splitlines():
+        m = re.match(r"\s*(\w+)\s*:[^#]*#\s*(.*)$", line)
+        if m:
+            notes.setdefault(m.group(1), m.group(2).strip())
+    rows = []
+    for f in dataclasses.fields(settings_cls):
+        if f.default is not dataclasses.MISSING:
+            default = repr(f.default)
+        elif f.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+            default = repr(f.default_factory())  # type: ignore[misc]
+        else:
+            default = "(required)"
+        rows.append((f.name, default, notes.get(f.name, "")))
+    return rows

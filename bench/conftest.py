@@ -1,4 +1,4 @@
-"""Parametrization and fixtures of the benchmark cases (options live in the root conftest.py).
+"""Parametrization and fixtures of the benchmark cases (options live in ``bench/plugin.py``).
 
 Case ids read like the database: ``clp-cifar10-vgg13-badnets-narrow-00`` for a localization,
 ``clp-prune-cifar10-vgg13-badnets-narrow-00`` for a repair, ``cifar10-vgg13-badnets-narrow-00``
@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from conftest import bench_session
+from bench.plugin import bench_session
 from bench.session import RESULTS_KEY
 
 

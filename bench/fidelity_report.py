@@ -32,7 +32,7 @@ from tabulate import tabulate  # noqa: E402
 from bd4nn.build import build, build_parallel, load_profile, plan  # noqa: E402
 from bd4nn.data import DATA_ENV, data_folder  # noqa: E402
 from bd4nn.db import Database  # noqa: E402
-from bd4nn.results import database_summary, git_hash  # noqa: E402
+from bd4nn.results import build_runs, database_summary, git_hash  # noqa: E402
 from bd4nn.runtime import cpu_cores  # noqa: E402
 from bench.options import add_machine_options, parse  # noqa: E402
 
@@ -190,7 +190,10 @@ def main(argv: list[str] | None = None) -> int:
             + (f"; this run built {built} in {_minutes(build_wall)} wall time" if not args.no_build else
                " (this run built nothing: --no-build)")
             + f"; the recorded compute of the database (benign training + every candidate, summed over "
-            f"processes) is {_minutes(recorded)}",
+            f"processes) is {_minutes(recorded)}"
+            + ("; its build runs (`timings.jsonl`): " + "; ".join(
+                f"{r.get('built')} built in {_minutes(r.get('seconds'))} wall ({r.get('workers')} process(es) x "
+                f"{r.get('threads')} threads)" for r in build_runs(db)) if build_runs(db) else ""),
             f"- benchmark: {'not run (--skip-bench)' if args.skip_bench else _minutes(bench_wall) + ' wall time' if bench_wall is not None else 'results reused from ' + ', '.join(str(r) for r in all_results)}",
             f"- written {time.strftime('%Y-%m-%d %H:%M %Z')}", ""]
     body = database_section(db, {"asr": args.asr_target, "ca_drop": args.ca_drop_target})

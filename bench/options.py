@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from bd4nn.cli import number
+from bd4nn.argtypes import number
 from bd4nn.runtime import set_threads
 
 

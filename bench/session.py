@@ -1,6 +1,6 @@
 """The benchmark session: which database, which cases, caches, devices, results and baseline.
 
-Created once per pytest process by ``conftest.pytest_configure`` when ``bench/`` is collected.
+Created once per pytest process by ``bench.plugin.pytest_configure`` when ``bench/`` is collected.
 On the controller (or a serial run) it first ensures the database: the default database is the
 ``--profile`` (``tiny``) database in the cache folder, built or resumed with a progress bar; a
 database given with ``--db`` is used as it is, or completed when ``--profile`` is given too.
@@ -129,8 +129,9 @@ class BenchSession:
                 + (f" and none matches --entries {','.join(patterns)}" if patterns and kept else "")
                 + " (`bd4nn info` shows the database)")
         if baseline is not None:
-            keys = [f"localization:{loc}-{e}" for e in ids for loc in locs]
-            keys += [f"repair:{loc}-{rep}-{e}" for e in ids for loc in locs for rep in repairs]
+            keys = [{"case": "localization", "localizer": loc, "entry": e} for e in ids for loc in locs]
+            keys += [{"case": "repair", "localizer": loc, "repair": rep, "entry": e}
+                     for e in ids for loc in locs for rep in repairs]
             if build and not baseline.matching(keys):
                 config.issue_config_time_warning(pytest.PytestConfigWarning(
                     f"bd4nn: the baseline {config.getoption('--baseline')} has no reference for any of these "
@@ -222,7 +223,7 @@ class Recorder:
         self.session = session
         self.fh = None
         self.cases = 0
-        self.regressions: list[str] = []
+        self.regressions: list = []  # bd4nn.results.Regression
 
     def _open(self, config: pytest.Config) -> None:
         s = self.session
@@ -260,13 +261,26 @@ class Recorder:
             line = {"kind": "case", "nodeid": report.nodeid, "outcome": report.outcome, **props}
             self.fh.write(json.dumps(line, default=_json_default) + "\n")
             self.cases += 1
+            if self.session.baseline is not None and report.passed:
+                self.regressions += self.session.baseline.compare(line)
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self.fh is not None:
             self.fh.close()
+        if self.regressions and session.exitstatus == pytest.ExitCode.OK:
+            # like pytest-benchmark's --benchmark-compare-fail: every case ran, the run fails once
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
         terminalreporter.write_line(f"bd4nn: {self.cases} cases recorded in {self.session.results_path}")
+        if self.regressions:
+            from tabulate import tabulate  # noqa: PLC0415
+
+            terminalreporter.section(f"bd4nn: {len(self.regressions)} regressions against the baseline "
+                                     f"{self.session.baseline.source}", red=True)
+            rows = [["REGRESSION", *r.row()] for r in self.regressions]
+            terminalreporter.write_line(tabulate(rows, headers=["", "case", "metric", "baseline", "now", "change"]))
+            terminalreporter.write_line("allowed: " + "; ".join(sorted({f"{r.metric} {r.limit}" for r in self.regressions})))
 
 
 def _json_default(obj: Any) -> Any:

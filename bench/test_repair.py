@@ -25,8 +25,3 @@ def test_repair(bench, record, localizer_name, repair_name, entry_id):
         # pruning S_fault (BN γ=β=0) is the masking of rule 3, so ASRD is the label's ASR.Cor
         assert res.asrd > 0.5
         assert abs(res.asrd - ctx.label.asr_cor) <= 0.02
-    if bench.baseline is not None:
-        key = f"x[{localizer_name}-{repair_name}-{entry_id}]"
-        problems = bench.baseline.compare({"case": "repair", "nodeid": key, "wji": found.wji,
-                                           "cad": res.cad, "asrd": res.asrd})
-        assert not problems, "; ".join(map(str, problems))

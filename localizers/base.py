@@ -17,6 +17,7 @@ Writing one::
             steps: int = 100
 
         def scores(self, model, neuron_map, clean, *, device=None, seed=0):
+            # called through Localizer.__call__: model and neuron_map are already on `device`
             return {layer: torch.rand(n) for layer, n in neuron_map.sizes.items()}
 
 Third-party packages register theirs through the entry point group ``bd4nn.localizers``
@@ -27,8 +28,6 @@ Third-party packages register theirs through the entry point group ``bd4nn.local
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -36,9 +35,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from bd4nn.errors import UserError
+from bd4nn.errors import RegistryError, UserError
 from bd4nn.neurons import NeuronMap
-from bd4nn.runtime import to_float
+from bd4nn.registry import Registry
+from bd4nn.runtime import to_float, working_copy
 from bd4nn.settings import SettingError, coerce_fields
 
 __all__ = [
@@ -51,9 +51,8 @@ __all__ = [
     "list_localizers",
     "localizer_class",
     "ENTRY_POINT_GROUP",
+    "LOCALIZERS",
 ]
-
-log = logging.getLogger(__name__)
 
 SCOPES = ("all", "penultimate")
 ENTRY_POINT_GROUP = "bd4nn.localizers"
@@ -99,6 +98,9 @@ class Localizer:
     scope: ClassVar[str] = "all"
     #: what a score means, for help text (e.g. "low mean clean activation")
     summary: ClassVar[str] = ""
+    #: an oracle that reads the defect's ground truth: the harness passes it the label's
+    #: S_fault as the ``fault`` setting (PFL, the upper bound of the tables)
+    needs_ground_truth: ClassVar[bool] = False
 
     @dataclass
     class Settings:
@@ -135,9 +137,15 @@ class Localizer:
         raise NotImplementedError
 
     def __call__(self, model, neuron_map, clean, *, device=None, seed: int = 0) -> dict[str, torch.Tensor]:
-        """``scores`` plus a check of its output: every covered layer, right size, finite, CPU."""
-        out = self.scores(model, neuron_map, clean, device=device, seed=seed)
-        return check_scores(self.name, out, neuron_map, self.layers(neuron_map))
+        """``scores`` on ``device`` (default: the model's), plus a check of its output: every
+        covered layer, right size, finite, CPU. The model is placed there once, here
+        (``bd4nn.runtime.working_copy``: a copy when it lives elsewhere, so the caller's model
+        never moves), and ``scores`` receives a model and neuron map that are already on the
+        device it is told."""
+        work, dev = working_copy(model, device)
+        nm = neuron_map if work is model else NeuronMap(work)
+        out = self.scores(work, nm, clean, device=dev, seed=seed)
+        return check_scores(self.name, out, nm, self.layers(nm))
 
     def report(self) -> dict[str, Any]:
         """JSON-able details of the last ``scores`` call (e.g. which code path ran), recorded with
@@ -174,61 +182,32 @@ def check_scores(
 
 
 # ---------------------------------------------------------------------- registry
-_REGISTRY: dict[str, type[Localizer]] = {}
-_BUILTINS = ("fp", "nc", "anp", "clp", "deepmufl", "slicer", "pfl", "random")
-_loaded = False
+def _check_class(cls: type[Localizer]) -> None:
+    if cls.scope not in SCOPES:
+        raise RegistryError(f"{cls.__name__}.scope must be one of {SCOPES}, not {cls.scope!r}")
+    if not dataclasses.is_dataclass(cls.Settings):
+        raise RegistryError(f"{cls.__name__}.Settings must be a dataclass")
+
+
+LOCALIZERS: Registry[type[Localizer]] = Registry(
+    "localizer", base=Localizer, entry_points=ENTRY_POINT_GROUP, check=_check_class,
+    builtins={"fp": "localizers.fp:FP", "nc": "localizers.nc:NeuralCleanse", "anp": "localizers.anp:ANP",
+              "clp": "localizers.clp:CLP", "deepmufl": "localizers.deepmufl:DeepMufl",
+              "slicer": "localizers.slicer:Slicer", "pfl": "localizers.pfl:PFL", "random": "localizers.random:Random"})
 
 
 def register_localizer(cls: type[Localizer]) -> type[Localizer]:
     """Class decorator: make ``cls`` available as ``get_localizer(cls.name)``."""
-    if not cls.name:
-        raise LocalizerError(f"{cls.__name__} has no name")
-    if cls.scope not in SCOPES:
-        raise LocalizerError(f"{cls.__name__}.scope must be one of {SCOPES}, not {cls.scope!r}")
-    if not dataclasses.is_dataclass(cls.Settings):
-        raise LocalizerError(f"{cls.__name__}.Settings must be a dataclass")
-    other = _REGISTRY.get(cls.name)
-    if other is not None and other is not cls:
-        raise LocalizerError(f"localizer name {cls.name!r} is taken by {other.__module__}.{other.__qualname__}")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load() -> None:
-    global _loaded
-    if _loaded:
-        return
-    _loaded = True
-    for mod in _BUILTINS:
-        importlib.import_module(f"localizers.{mod}")
-    try:
-        eps = importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)
-    except Exception as exc:  # pragma: no cover - broken metadata in the environment
-        log.warning("could not read entry points %s: %s", ENTRY_POINT_GROUP, exc)
-        return
-    for ep in eps:
-        try:
-            obj = ep.load()
-        except Exception as exc:
-            log.warning("localizer plugin %s (%s) failed to load: %s", ep.name, ep.value, exc)
-            continue
-        if isinstance(obj, type) and issubclass(obj, Localizer) and obj.name not in _REGISTRY:
-            register_localizer(obj)
+    return LOCALIZERS.register(cls)
 
 
 def list_localizers() -> list[str]:
     """Names of all registered localizers (built-ins first, in the paper's order, then plugins)."""
-    _load()
-    order = {n: i for i, n in enumerate(_BUILTINS)}
-    return sorted(_REGISTRY, key=lambda n: (order.get(n, len(order)), n))
+    return LOCALIZERS.names()
 
 
 def localizer_class(name: str) -> type[Localizer]:
-    _load()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise LocalizerError(f"unknown localizer {name!r}; known: {', '.join(list_localizers())}") from None
+    return LOCALIZERS.get(name)
 
 
 def get_localizer(name: str, **settings: Any) -> Localizer:

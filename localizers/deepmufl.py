@@ -71,7 +71,6 @@ everything is exact fp32 (or the model's own dtype) and deterministic.
 
 from __future__ import annotations
 
-import copy
 import logging
 import operator
 from collections.abc import Sequence
@@ -84,7 +83,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from bd4nn.neurons import NeuronMap
-from bd4nn.runtime import autocast as _autocast, cuda_path, frozen, to_float
+from bd4nn.runtime import autocast as _autocast, cuda_path, frozen, model_device, to_float
 from localizers.base import Localizer, LocalizerError, register_localizer
 
 log = logging.getLogger(__name__)
@@ -627,13 +626,7 @@ class DeepMufl(Localizer):
             raise LocalizerError(f"deepmufl: metallaxis_type must be 1 or 2, not {s.metallaxis_type!r}")
         if s.max_tests is not None and s.max_tests < 1:
             raise LocalizerError("deepmufl: max_tests must be >= 1 or None")
-        own = next(model.parameters()).device
-        dev = torch.device(device) if device is not None else own
-        if dev.type == "cuda" and dev.index is None:
-            dev = torch.device("cuda", torch.cuda.current_device())
-        if dev != own:  # never move the caller's model
-            model = copy.deepcopy(model).to(dev)
-            neuron_map = NeuronMap(model)
+        dev = torch.device(device) if device is not None else model_device(model)  # placed by Localizer.__call__
         idx = torch.arange(len(clean))
         if s.max_tests is not None and s.max_tests < len(clean):
             g = torch.Generator().manual_seed(int(seed))

@@ -104,7 +104,7 @@ from torch import nn
 from bd4nn.capture import capture
 from bd4nn.neurons import NeuronMap
 from bd4nn.train import augment as _augment
-from bd4nn.runtime import autocast, cuda_path, frozen, model_device, to_float, working_copy
+from bd4nn.runtime import autocast, cuda_path, frozen, model_device, to_float
 from localizers.base import CleanData, Localizer, LocalizerError, register_localizer
 
 __all__ = ["NeuralCleanse", "TriggerSearch", "reverse_engineer", "mad_outliers", "activation_gap"]
@@ -489,8 +489,8 @@ class NeuralCleanse(Localizer):
                              ("feature", ("head", "neuron"))):
             if getattr(s, key) not in allowed:
                 raise LocalizerError(f"nc: {key} must be one of {allowed}, not {getattr(s, key)!r}")
-        work, dev = working_copy(model, device)
-        nm = neuron_map if work is model else NeuronMap(work)
+        work, nm = model, neuron_map  # on `device` already (Localizer.__call__)
+        dev = torch.device(device) if device is not None else model_device(model)
         search = reverse_engineer(work, clean, None, s, device=dev, seed=seed)
         anomaly, flagged, median, mad = mad_outliers(search.norms, s.mad_threshold, s.mad_consistency, s.median)
         row = flagged[0] if flagged else int(search.norms.argmin())

@@ -19,6 +19,7 @@ class PFL(Localizer):
     name = "pfl"
     scope = "all"
     summary = "the ground truth (reference row)"
+    needs_ground_truth = True
 
     @dataclass
     class Settings:

@@ -90,7 +90,7 @@ def _filtered(results, name: str, wanted: list[str] | None):
 def run(args: argparse.Namespace) -> int:
     """Load, filter, print the selected tables; with ``--out`` write them and the plots."""
     if args.plots and args.out is None:
-        raise ValueError("--plots needs --out DIR (the folder the PNG files go to)")
+        raise ResultsError("--plots needs --out DIR (the folder the PNG files go to)")
     results = load(args.results)
     results = _filtered(results, "dataset", args.dataset)
     results = _filtered(results, "attack", args.attack)

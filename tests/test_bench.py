@@ -98,3 +98,6 @@ def test_serial_and_xdist_runs_record_the_same_wji(tmp_path, data_dir):
                               for d in rows))
     r = _pytest([*args, "--baseline", str(raised)], env, "bench/test_repair.py")
     assert r.returncode == 1 and "ASRD" in r.stdout, r.stdout[-3000:]
+    # every case ran and passed; the regressions are listed once, at the end of the session
+    n = len([d for d in rows if d.get("case") == "repair"])
+    assert f"{n} passed" in r.stdout and r.stdout.count("REGRESSION ") == n, r.stdout[-3000:]

@@ -8,6 +8,7 @@ import pytest
 
 from bd4nn.build import build, build_parallel
 from bd4nn.db import Database
+from bd4nn.results import build_runs
 from synthetic import micro_profile, three_colours
 from test_errors_repro import snapshot
 
@@ -31,6 +32,7 @@ def test_a_parent_another_build_is_training_is_left_for_last(tmp_path):
         assert not db.has_benign("cifar10", "vgg13") and not db.has_entry("cifar10-vgg13-badnets-narrow-00")
     stats = build(db.root, profile, device="cpu", data=data, progress=False)  # the lock is free again
     assert (stats.built, stats.skipped) == (1, 1) and db.has_entry("cifar10-vgg13-badnets-narrow-00")
+    assert [r["built"] for r in build_runs(db)] == [1, 1]  # a build that spans two runs: both recorded
 
 
 @pytest.mark.slow
@@ -40,6 +42,9 @@ def test_two_processes_build_what_one_builds(tmp_path):
     stats = build_parallel(tmp_path / "two", profile, workers=2, threads=1, device="cpu", data=data, progress=False)
     assert (stats.planned, stats.built, stats.skipped) == (2, 2, 0)
     assert stats.kept + stats.rejected == 2 and len(stats.candidate_seconds) == 2
+    runs = build_runs(Database(tmp_path / "two"))  # the run as a whole, not one line per process
+    assert [(r["built"], r["workers"], r["threads"], r["profile"]) for r in runs] == [(2, 2, 1, "micro")]
+    assert runs[0]["seconds"] >= max(stats.candidate_seconds)
     a, b = snapshot(tmp_path / "one"), snapshot(tmp_path / "two")
     index = "index.jsonl"
     assert sorted(a[index].splitlines()) == sorted(b[index].splitlines())

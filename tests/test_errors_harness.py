@@ -40,7 +40,8 @@ def _write(path: Path, lines: list[dict]) -> Path:
 
 
 def test_baseline_numbers_must_be_numbers(tmp_path):
-    good = {"kind": "case", "case": "localization", "outcome": "passed", "nodeid": "t[clp-e1]", "wji": 0.5, "time_s": 1.0}
+    good = {"kind": "case", "case": "localization", "outcome": "passed", "localizer": "clp", "entry": "e1", "wji": 0.5,
+            "time_s": 1.0}
     assert Baseline.load(_write(tmp_path / "ok.jsonl", [good])).cases
     for key, bad in (("wji", "high"), ("wji", True), ("time_s", float("inf"))):
         with pytest.raises(ValueError, match=f"{key} must be a finite number"):
@@ -54,8 +55,10 @@ def test_baseline_numbers_must_be_numbers(tmp_path):
 
 def test_baseline_matching_counts_the_cases_it_can_compare(tmp_path):
     base = Baseline.load(_write(tmp_path / "b.jsonl", [
-        {"kind": "case", "case": "localization", "outcome": "passed", "nodeid": "t[clp-e1]", "wji": 0.5},
-        {"kind": "case", "case": "repair", "outcome": "passed", "nodeid": "t[clp-prune-e1]", "wji": 0.5},
+        {"kind": "case", "case": "localization", "outcome": "passed", "localizer": "clp", "entry": "e1", "wji": 0.5},
+        {"kind": "case", "case": "repair", "outcome": "passed", "localizer": "clp", "repair": "prune", "entry": "e1",
+         "wji": 0.5},
     ]))
-    assert base.matching(["localization:clp-e1", "repair:clp-prune-e1", "localization:fp-e1"]) == 2
-    assert base.matching(["localization:clp-e2"]) == 0
+    loc = {"case": "localization", "localizer": "clp", "entry": "e1"}
+    assert base.matching([loc, {**loc, "case": "repair", "repair": "prune"}, {**loc, "localizer": "fp"}]) == 2
+    assert base.matching([{**loc, "entry": "e2"}]) == 0

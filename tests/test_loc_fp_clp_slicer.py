@@ -333,35 +333,8 @@ def test_slicer_centered_differs_from_plain():
     assert any(not torch.allclose(a[l], b[l]) for l in nm.layers)
 
 
-# ------------------------------------------------------------------------------ common contract
-LOCALIZERS = [
-    (FP, {}),
-    (CLP, {}),
-    (CLP, {"standardize": False}),
-    (Slicer, {}),
-    (Slicer, {"centered": True}),
-]
-
-
-@pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("cls,settings", LOCALIZERS, ids=lambda v: getattr(v, "name", str(v)))
-def test_contract_scope_sizes_determinism_and_model_untouched(arch, cls, settings):
-    model = tiny(arch, seed=1)
-    randomize_bn(model, seed=8)
-    model.train()
-    nm = NeuronMap(model)
-    clean = clean_data(4, seed=9, uint8=True)
-    loc = cls(**settings)
-    snap = snapshot(model)
-    s1 = loc(model, nm, clean, seed=0)
-    s2 = loc(model, nm, clean, device="cpu", seed=0)
-    assert_unchanged(model, snap)
-    layers = nm.layers if cls.scope == "all" else [nm.penultimate]
-    assert list(s1) == layers
-    for layer in layers:
-        assert s1[layer].shape == (nm.sizes[layer],)
-        assert torch.isfinite(s1[layer]).all()
-        assert torch.equal(s1[layer], s2[layer])
+# The contract common to every localizer (scope, sizes, determinism, model untouched) is
+# tests/test_localizer_contract.py, parametrized over list_localizers().
 
 
 def test_scopes_and_unknown_settings():

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import localizers.base as base
+from bd4nn.errors import RegistryError, UnknownNameError
 from bd4nn.metrics import top_k_selection, wji
 from bd4nn.models import get_model
 from bd4nn.neurons import NeuronMap
@@ -42,8 +43,10 @@ def test_registry_lists_the_paper_methods_in_order():
 
 
 def test_unknown_names_and_settings_are_clear_errors():
-    with pytest.raises(LocalizerError, match="unknown localizer 'nope'.*clp"):
+    with pytest.raises(UnknownNameError, match="unknown localizer 'nope'.*clp"):
         get_localizer("nope")
+    with pytest.raises(UnknownNameError, match="did you mean 'slicer'"):
+        get_localizer("slicr")
     with pytest.raises(LocalizerError, match="no setting 'bogus'"):
         get_localizer("clp", bogus=1)
 
@@ -76,9 +79,9 @@ def test_entry_point_plugins_are_registered(monkeypatch, net, clean):
     def fake(**kw):
         return [ep] if kw.get("group") == base.ENTRY_POINT_GROUP else []
 
-    monkeypatch.setattr(base.importlib.metadata, "entry_points", fake)
-    monkeypatch.setattr(base, "_loaded", False)
-    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+    monkeypatch.setattr(importlib.metadata, "entry_points", fake)
+    monkeypatch.setattr(base.LOCALIZERS, "_items", dict(base.LOCALIZERS._items))
+    monkeypatch.setattr(base.LOCALIZERS, "_plugins_loaded", False)
     assert "const-plugin" in list_localizers()
     model, nm = net
     out = get_localizer("const-plugin", value=2.0)(model, nm, clean)
@@ -89,15 +92,27 @@ def test_decorator_rejects_bad_classes():
     class NoName(Localizer):
         pass
 
-    with pytest.raises(LocalizerError, match="no name"):
+    with pytest.raises(RegistryError, match="no name"):
         register_localizer(NoName)
 
     class BadScope(Localizer):
         name = "bad-scope"
         scope = "some"
 
-    with pytest.raises(LocalizerError, match="scope"):
+    with pytest.raises(RegistryError, match="scope"):
         register_localizer(BadScope)
+
+    class NotALocalizer:
+        name = "imposter"
+
+    with pytest.raises(RegistryError, match="not a subclass"):
+        register_localizer(NotALocalizer)
+
+    class Clash(Localizer):
+        name = "clp"
+
+    with pytest.raises(RegistryError, match="'clp' is taken by localizers.clp.CLP"):
+        register_localizer(Clash)
 
 
 def test_malformed_scores_are_caught(net, clean):

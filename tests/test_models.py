@@ -27,8 +27,10 @@ def expected_total(name: str, width: float = 1.0) -> int:
 def test_registry_lists_the_four_architectures():
     assert {"vgg13", "vgg16", "resnet18", "resnet34"} <= set(list_models())
     assert list_models("vgg*") == ["vgg13", "vgg16"]
-    with pytest.raises(KeyError, match="known models"):
+    with pytest.raises(KeyError, match=r"unknown model 'alexnet' \(known: .*vgg13"):
         get_model("alexnet")
+    with pytest.raises(KeyError, match="did you mean 'resnet18'"):
+        get_model("resnet-18")
 
 
 @pytest.mark.parametrize(

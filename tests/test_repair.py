@@ -87,5 +87,5 @@ def test_empty_selection_is_a_no_op_and_repair_reports_cad_asrd(net):
     assert res.asr_after in (0.0, 1.0)
     assert res.cad == pytest.approx(res.ca_before - res.ca_after)
     assert res.asrd == pytest.approx(res.asr_before - res.asr_after)
-    with pytest.raises(ValueError, match="unknown repair"):
+    with pytest.raises(KeyError, match="unknown repair .burn."):
         repair("burn", model, {}, clean_x=x, clean_y=y, test_x=x, test_y=y, trigger=trigger, target=0)

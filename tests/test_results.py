@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from bd4nn.results import Baseline, case_key, directory_lines, read, save_baseline
+from bd4nn.results import Baseline, case_key, diff_results, directory_lines, read, save_baseline
 
 
 def _case(loc, entry, wji, t, case="localization", outcome="passed"):
@@ -14,10 +14,12 @@ def _case(loc, entry, wji, t, case="localization", outcome="passed"):
             "outcome": outcome, "localizer": loc, "entry": entry, "wji": wji, "time_s": t}
 
 
-def test_case_key_ignores_the_file_part_of_the_node_id():
+def test_case_key_is_kind_localizer_repair_entry_whatever_the_node_id():
     a = _case("clp", "cifar10-vgg13-badnets-narrow-00", 0.5, 0.1)
-    assert case_key(a) == "localization:clp-cifar10-vgg13-badnets-narrow-00"
-    assert case_key({**a, "nodeid": "elsewhere::x[clp-cifar10-vgg13-badnets-narrow-00]"}) == case_key(a)
+    assert case_key(a) == "localization:clp:-:cifar10-vgg13-badnets-narrow-00"
+    assert case_key({**a, "nodeid": "renamed.py::test_x[anything]"}) == case_key(a)
+    assert case_key({**a, "case": "repair", "repair": "prune"}) == "repair:clp:prune:cifar10-vgg13-badnets-narrow-00"
+    assert case_key({"case": "database", "entry": "e1"}) == "database:-:-:e1"
 
 
 def test_directory_lines_count_and_average_kept_entries_only():
@@ -40,7 +42,9 @@ def test_baseline_flags_wji_drops_and_slowdowns_beyond_tolerance(tmp_path):
             _case("fp", "e1", 0.9, 1.0, outcome="failed")]
     results.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "base.jsonl"
-    assert save_baseline(results, out) == 2  # failed cases are not a reference
+    with pytest.raises(ValueError, match="1 cases did not pass.*--partial"):
+        save_baseline(results, out)  # a baseline of part of the cases would pass the rest
+    assert save_baseline(results, out, partial=True) == 2  # failed cases are not a reference
     base = Baseline.load(out, wji_tol=0.05, time_factor=2.0, time_slack=0.5)
     assert base.compare(_case("clp", "e1", 0.46, 1.0)) == []  # within tolerance
     assert "WJI" in str(base.compare(_case("clp", "e1", 0.44, 1.0))[0])
@@ -62,6 +66,7 @@ def test_read_names_the_corrupt_line(tmp_path):
 def test_baseline_flags_repair_asrd_drops_and_cad_rises_beyond_tolerance(tmp_path):
     def repair(asrd, cad, outcome="passed"):
         return {"kind": "case", "case": "repair", "nodeid": "bench/test_repair.py::test_repair[clp-prune-e1]",
+                "localizer": "clp", "repair": "prune", "entry": "e1",
                 "outcome": outcome, "wji": 0.5, "time_s": 1.0, "asrd": asrd, "cad": cad}
 
     results = tmp_path / "run.jsonl"
@@ -76,3 +81,43 @@ def test_baseline_flags_repair_asrd_drops_and_cad_rises_beyond_tolerance(tmp_pat
     bad.write_text(json.dumps({**repair(0.8, 0.1), "asrd": "high"}) + "\n")
     with pytest.raises(ValueError, match="asrd must be a finite number"):
         Baseline.load(bad)
+
+
+def test_a_baseline_without_case_fields_is_refused(tmp_path):
+    p = tmp_path / "old.jsonl"
+    p.write_text(json.dumps({"kind": "case", "nodeid": "x[clp-e1]", "outcome": "passed", "wji": 0.5}) + "\n")
+    with pytest.raises(ValueError, match="no case/entry field"):
+        Baseline.load(p)
+
+
+def test_save_baseline_keeps_the_context_and_refuses_to_overwrite_or_filter(tmp_path):
+    head = {"kind": "header", "schema": 1, "options": {"keyword": ""}}
+    directory = {"kind": "directory", "dataset": "cifar10", "arch": "vgg13", "attack": "badnets", "level": "narrow",
+                 "kept": 1, "rejected": 0, "mean_ca": 0.8}
+    case = {**_case("clp", "e1", 0.5, 1.0), "dataset": "cifar10", "arch": "vgg13", "ca": 0.8, "asr": 0.97,
+            "scores": [1, 2, 3]}
+    results = tmp_path / "run.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in (head, directory, case)))
+    out = tmp_path / "base.jsonl"
+    assert save_baseline(results, out) == 1
+    saved = read(out)
+    assert [ln["kind"] for ln in saved] == ["header", "directory", "case"]
+    assert saved[2]["ca"] == 0.8 and saved[2]["arch"] == "vgg13" and "scores" not in saved[2]
+    with pytest.raises(ValueError, match="exists; pass --overwrite"):
+        save_baseline(results, out)
+    assert save_baseline(results, out, overwrite=True) == 1
+    filtered = tmp_path / "k.jsonl"
+    filtered.write_text("".join(json.dumps(r) + "\n" for r in ({**head, "options": {"keyword": "clp"}}, case)))
+    with pytest.raises(ValueError, match="filtered with -k 'clp'"):
+        save_baseline(filtered, tmp_path / "k-base.jsonl")
+
+
+def test_diff_pairs_cases_and_lists_what_changed(tmp_path):
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    a.write_text("".join(json.dumps(r) + "\n" for r in (_case("clp", "e1", 0.5, 1.0), _case("fp", "e1", 0.2, 1.0))))
+    b.write_text("".join(json.dumps(r) + "\n" for r in (_case("clp", "e1", 0.25, 1.0), _case("nc", "e1", 0.1, 9.0))))
+    rows = diff_results(a, b)
+    assert rows == [["localization:clp:-:e1", "wji", "0.5000", "0.2500", "-0.2500"],
+                    ["localization:fp:-:e1", "only in A", "", "", ""],
+                    ["localization:nc:-:e1", "only in B", "", "", ""]]
+    assert diff_results(a, a) == []

@@ -1,12 +1,10 @@
 """Attacks behind a registry: ``get_attack(name, target=0, seed=0, **settings)``.
 
-One module per attack registers its class with ``@register_attack``. Importing this package
-imports the built-in modules, so ``list_attacks()`` is complete.
+One module per attack registers its class with ``@register_attack``; ``ATTACKS``
+(``bd4nn.registry``) imports a built-in module when its attack is first asked for.
 """
 
 from __future__ import annotations
-
-from importlib import import_module
 
 from bd4nn.attacks.base import (
     Attack,
@@ -16,40 +14,28 @@ from bd4nn.attacks.base import (
     StampTrigger,
     poison_indices,
 )
-from bd4nn.errors import UnknownNameError
+from bd4nn.registry import Registry
 
 __all__ = [
     "Attack", "InjectionInfo", "InjectionRecipe", "PoisoningAttack", "StampTrigger",
-    "poison_indices", "register_attack", "get_attack", "list_attacks", "attack_class",
+    "poison_indices", "register_attack", "get_attack", "list_attacks", "attack_class", "ATTACKS",
 ]
 
-_REGISTRY: dict[str, type[Attack]] = {}
-_BUILTIN = ("badnets", "blended", "trojannn", "sra")
+ATTACKS: Registry[type[Attack]] = Registry("attack", base=Attack, builtins={
+    "badnets": "bd4nn.attacks.badnets:BadNets", "blended": "bd4nn.attacks.blended:Blended",
+    "trojannn": "bd4nn.attacks.trojannn:TrojanNN", "sra": "bd4nn.attacks.sra:SRA"})
 
 
 def register_attack(cls: type[Attack]) -> type[Attack]:
-    if not cls.name:
-        raise ValueError(f"{cls.__name__} has no name")
-    _REGISTRY[cls.name] = cls
-    return cls
-
-
-def _load_builtins() -> None:
-    for mod in _BUILTIN:
-        import_module(f"bd4nn.attacks.{mod}")
+    return ATTACKS.register(cls)
 
 
 def list_attacks() -> list[str]:
-    _load_builtins()
-    return sorted(_REGISTRY)
+    return sorted(ATTACKS.names())
 
 
 def attack_class(name: str) -> type[Attack]:
-    _load_builtins()
-    try:
-        return _REGISTRY[name]
-    except KeyError:
-        raise UnknownNameError(f"unknown attack {name!r}; known attacks: {', '.join(sorted(_REGISTRY))}") from None
+    return ATTACKS.get(name)
 
 
 def get_attack(name: str, **kwargs) -> Attack:
