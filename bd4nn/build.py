@@ -18,16 +18,14 @@ uninterrupted build (bit-exact on CPU). ``--shard I/N`` takes every N-th item st
 
 from __future__ import annotations
 
-import fcntl
 import fnmatch
 import math
 import multiprocessing
 import os
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -38,7 +36,7 @@ from tqdm.auto import tqdm
 
 from bd4nn.attacks import InjectionRecipe, attack_class, get_attack, list_attacks
 from bd4nn.data import ImageData, evaluation_subset, load_dataset, training_subset
-from bd4nn.db import BenignRecord, Database, DefectLabel, benign_timing_key, entry_id
+from bd4nn.db import BenignRecord, Database, DefectLabel, benign_timing_key, entry_id, file_lock
 from bd4nn.errors import BadInputError, UserError
 from bd4nn.inject import LEVELS, CandidateOutcome, candidate_selection, rank_by_contribution, run_candidate
 from bd4nn.models import get_model, list_models
@@ -281,23 +279,6 @@ class BuildStats:
         return d
 
 
-@contextmanager
-def _file_lock(path: Path, *, wait: bool = True) -> Iterator[bool]:
-    """Hold an exclusive lock on ``path``; yields False at once if ``wait`` is off and another
-    process holds it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-        except BlockingIOError:
-            yield False
-            return
-        try:
-            yield True
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def ensure_benign(
     db: Database,
     profile: Profile,
@@ -313,7 +294,7 @@ def ensure_benign(
 ):
     """The benign parent from the database, or trained now (once, under a lock) and stored.
     Without ``wait``, None when another process holds the lock (it is training this parent)."""
-    with _file_lock(db.root / dataset / arch / "benign.lock", wait=wait) as mine:
+    with file_lock(db.root / dataset / arch / "benign.lock", wait=wait) as mine:
         if not mine:
             return None
         if db.has_benign(dataset, arch):

@@ -128,6 +128,25 @@ _DELTA_KINDS = ("full", "rows", "rowidx", "values", "flatidx")
 _INDEX_FILTERS = ("id", "dataset", "arch", "width", "attack", "level", "candidate", "target", "seed")
 
 
+
+@contextmanager
+def file_lock(path: Path, *, wait: bool = True) -> Iterator[bool]:
+    """An exclusive ``flock`` on ``path`` (created if missing), released on exit or when the
+    process dies: yields True while held, or False at once if ``wait`` is off and another process
+    holds it (``wait=True`` blocks until it is free). Candidate claims and the build's parent
+    locks both use it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
 class DatabaseError(UserError):
     """A database file is missing, corrupt, modified or inconsistent (the message names it)."""
 
@@ -993,17 +1012,8 @@ class Database:
         folder = self.root / CLAIMS
         folder.mkdir(parents=True, exist_ok=True)
         _under_root(folder, self.root)
-        path = folder / f"{_component(id, 'entry id')}.lock"
-        with open(path, "a+b") as fh:
-            try:
-                fcntl.flock(fh, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except BlockingIOError:
-                yield False
-                return
-            try:
-                yield True
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        with file_lock(folder / f"{_component(id, 'entry id')}.lock", wait=wait) as mine:
+            yield mine
 
     # ---------------------------------------------------------------- entries
     def save_entry(

@@ -15,7 +15,7 @@ import torch
 
 from bd4nn.neurons import NeuronMap
 from localizers import list_localizers, localizer_class
-from test_loc_fp_clp_slicer import assert_unchanged, clean_data, randomize_bn, snapshot, tiny
+from test_loc_fp_clp_slicer import _one_thread, assert_unchanged, clean_data, randomize_bn, snapshot, tiny  # noqa: F401 (an autouse fixture)
 
 ARCHS = ["vgg13", "resnet18"]
 BUDGETS: dict[str, dict] = {
@@ -24,19 +24,11 @@ BUDGETS: dict[str, dict] = {
     "deepmufl": {"max_tests": 4, "progress": False},
 }
 VARIANTS: dict[str, list[dict]] = {  # other code paths worth the same checks
-    "clp": [{"standardize": False}],
+    "clp": [{"standardize": True}],
     "slicer": [{"centered": True}],
 }
 CASES = [(name, {**BUDGETS.get(name, {}), **variant})
          for name in list_localizers() for variant in [{}, *VARIANTS.get(name, [])]]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_every_built_in_is_covered():
