@@ -32,7 +32,7 @@ from tabulate import tabulate  # noqa: E402
 from bd4nn.build import build, build_parallel, load_profile, plan  # noqa: E402
 from bd4nn.data import DATA_ENV, data_folder  # noqa: E402
 from bd4nn.db import Database  # noqa: E402
-from bd4nn.results import build_runs, database_summary, git_hash  # noqa: E402
+from bd4nn.results import build_runs, database_summary, git_hash, minutes  # noqa: E402
 from bd4nn.runtime import cpu_cores  # noqa: E402
 from bench.options import add_machine_options, parse  # noqa: E402
 
@@ -52,7 +52,7 @@ def _machine() -> str:
 
 
 def _minutes(seconds: float | None) -> str:
-    return "—" if seconds is None else (f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min")
+    return minutes(seconds) or "—"  # a blank cell reads "—" in the report
 
 
 def _pct(v: float | None, digits: int = 1) -> str:
@@ -147,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     labels = [db.load_label(ln["id"]) for ln in db.entries(kept=None)]
     timings = db.timings()
     _, parents = database_summary(db)
+    runs = build_runs(db)
     recorded = sum(timings.get(lab.id, {}).get("seconds") or 0 for lab in labels) \
         + sum(p["seconds"] or 0 for p in parents)
 
@@ -193,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
             f"processes) is {_minutes(recorded)}"
             + ("; its build runs (`timings.jsonl`): " + "; ".join(
                 f"{r.get('built')} built in {_minutes(r.get('seconds'))} wall ({r.get('workers')} process(es) x "
-                f"{r.get('threads')} threads)" for r in build_runs(db)) if build_runs(db) else ""),
+                f"{r.get('threads')} threads)" for r in runs) if runs else ""),
             f"- benchmark: {'not run (--skip-bench)' if args.skip_bench else _minutes(bench_wall) + ' wall time' if bench_wall is not None else 'results reused from ' + ', '.join(str(r) for r in all_results)}",
             f"- written {time.strftime('%Y-%m-%d %H:%M %Z')}", ""]
     body = database_section(db, {"asr": args.asr_target, "ca_drop": args.ca_drop_target})
