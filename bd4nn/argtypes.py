@@ -9,7 +9,7 @@ import json
 import math
 import sys
 
-__all__ = ["number", "shard", "setting", "Parser"]
+__all__ = ["number", "shard", "setting", "device", "Parser"]
 
 
 def number(kind: type, low: float | None = None, *, above: bool = False, high: float | None = None):
@@ -63,3 +63,16 @@ def setting(text: str) -> tuple[str, object]:
     except json.JSONDecodeError:
         value = raw
     return key.strip(), value
+
+
+def device(text: str) -> str:
+    """A device this machine has (``auto``, ``cpu``, ``cuda``, ``cuda:N``), checked when the command
+    line is read, so ``--device cuda`` on a machine without a GPU stops before any data loads."""
+    from bd4nn.errors import BadInputError
+    from bd4nn.train import resolve_device
+
+    try:
+        resolve_device(text)
+    except BadInputError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text

@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
+from bd4nn.progress import bar as progress_bar
 
 from bd4nn.attacks import InjectionRecipe, attack_class, get_attack, list_attacks
 from bd4nn.data import ImageData, evaluation_subset, load_dataset, training_subset
@@ -41,7 +41,7 @@ from bd4nn.errors import BadInputError, UserError
 from bd4nn.inject import LEVELS, CandidateOutcome, candidate_selection, rank_by_contribution, run_candidate
 from bd4nn.models import get_model, list_models
 from bd4nn.neurons import NeuronMap, Selection
-from bd4nn.runtime import default_threads, place, set_threads
+from bd4nn.runtime import BUILD_THREADS, cpu_cores, pinned_threads, place
 from bd4nn.settings import SettingError, coerce_fields
 from bd4nn.train import TrainConfig, benign_recipe, evaluate_ca, resolve_device, train
 
@@ -51,7 +51,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 __all__ = ["Profile", "PlanItem", "load_profile", "list_profiles", "plan", "build", "BuildStats", "candidate_label",
-           "ensure_benign", "PreparedParent", "prepare_parent", "build_candidate", "build_parallel", "record_run", "RUN_KEY"]
+           "ensure_benign", "PreparedParent", "prepare_parent", "build_candidate", "build_parallel", "default_workers", "record_run",
+           "RUN_KEY"]
 
 
 class ProfileError(UserError, ValueError):
@@ -227,9 +228,11 @@ def plan(
     attacks: Sequence[str] | None = None,
     levels: Sequence[str] | None = None,
     shard: tuple[int, int] = (0, 1),
+    ids: Sequence[str] | None = None,
 ) -> list[PlanItem]:
-    """Every candidate of the profile (narrowed by the filters), in a fixed order; a shard
-    ``(i, n)`` keeps items ``i, i+n, i+2n, ...``."""
+    """Every candidate of the profile (narrowed by the filters, and by ``ids``: shell patterns of
+    entry ids, any of which may match), in a fixed order; a shard ``(i, n)`` keeps items
+    ``i, i+n, i+2n, ...``."""
     i, n = shard
     if not (n >= 1 and 0 <= i < n):
         raise BadInputError(f"shard must be I/N with 0 <= I < N, got {i}/{n}")
@@ -251,6 +254,8 @@ def plan(
         for c in profile.candidate_indices(lv)
         if not any(fnmatch.fnmatchcase(entry_id(d, a, k, lv, c), pat) for pat in profile.exclude)
     ]
+    if ids:
+        items = [it for it in items if any(fnmatch.fnmatchcase(it.id, pat) for pat in ids)]
     return items[i::n]
 
 
@@ -420,23 +425,37 @@ def build(
     progress: bool = True,
     limit: int | None = None,
     worker: int | None = None,
+    threads: int | None = None,
+    ids: Sequence[str] | None = None,
 ) -> BuildStats:
     """Build (or resume) the database at ``db_root`` for ``profile``.
 
     ``data`` may supply preloaded datasets by name (tests use synthetic ones); otherwise they
     are loaded from ``data_root`` / ``BD4NN_DATA`` / torchvision. ``limit`` stops after that
-    many newly built candidates (for tests of interruption). ``worker`` numbers this process's
-    progress bar among those of ``build_parallel``.
+    many newly built candidates (for tests of interruption); ``ids`` keeps the candidates whose
+    ids match one of these shell patterns (``plan``). ``worker`` numbers this process's
+    progress bar among those of ``build_parallel``. The build runs at ``threads`` torch threads,
+    by default ``BUILD_THREADS`` whatever the process's count, so that its entries do not depend
+    on the machine's core count (``bd4nn.runtime``); the process's count is restored after.
     """
+    with pinned_threads(threads or BUILD_THREADS):
+        return _build(db_root, profile, datasets=datasets, archs=archs, attacks=attacks, levels=levels,
+                      shard=shard, device=device, data_root=data_root, data=data, progress=progress,
+                      limit=limit, worker=worker, ids=ids)
+
+
+def _build(db_root, profile: Profile, *, datasets, archs, attacks, levels, shard, device, data_root, data,
+           progress: bool, limit: int | None, worker: int | None, ids: Sequence[str] | None) -> BuildStats:
+
     t_start = time.perf_counter()
     dev = resolve_device(device)
     db = Database(db_root)
-    items = plan(profile, datasets=datasets, archs=archs, attacks=attacks, levels=levels, shard=shard)
+    items = plan(profile, datasets=datasets, archs=archs, attacks=attacks, levels=levels, shard=shard, ids=ids)
     stats = BuildStats(planned=len(items))
     todo = [it for it in items if not db.has_entry(it.id)]
     stats.skipped = len(items) - len(todo)
     done: set[str] = set()  # ids this build claimed (and built, or found built)
-    bar = tqdm(total=len(items), initial=stats.skipped, unit="cand", disable=not progress, dynamic_ncols=True,
+    bar = progress_bar(total=len(items), initial=stats.skipped, unit="cand", disable=not progress, dynamic_ncols=True,
                desc=f"build {profile.name}" + (f" (process {worker + 1})" if worker is not None else ""),
                position=worker)
     try:
@@ -499,16 +518,24 @@ def build_parallel(
     progress: bool = True,
     **kwargs: Any,
 ) -> BuildStats:
-    """``build`` in ``workers`` processes at once, ``threads`` torch threads each (default: the
-    cores shared evenly, ``bd4nn.runtime.default_threads``). The processes share the plan through
+    """``build`` in ``workers`` processes at once, ``threads`` torch threads each (default
+    ``BUILD_THREADS``, as for one process, so the entries are those of any other worker count).
+    The processes share the plan through
     the database's claims and parent locks (``build``), so each candidate is built once, the two
     parents of a two-architecture profile train at the same time, and the entries are the ones
     one process would write. Small models use the cores better this way: on the project's 2-core
     machine two 1-thread processes trained 1.6x (VGG-13) and 1.4x (ResNet-18) the images per
-    second of one 2-thread process at width 1/8. ``kwargs`` go to ``build``."""
+    second of one 2-thread process at width 1/8. ``kwargs`` go to ``build``. No more processes
+    start than there are candidates left; with one, the build runs in this process."""
     if workers < 1:
         raise BadInputError(f"workers must be >= 1, got {workers}")
-    per = threads if threads is not None else default_threads(workers)
+    per = threads or BUILD_THREADS
+    filters = {k: kwargs.get(k) for k in ("datasets", "archs", "attacks", "levels", "ids")}
+    db = Database(db_root)
+    left = sum(not db.has_entry(it.id) for it in plan(profile, shard=kwargs.get("shard", (0, 1)), **filters))
+    workers = min(workers, max(1, left))
+    if workers == 1:
+        return build(db_root, profile, progress=progress, threads=per, **kwargs)
     t0 = time.perf_counter()
     ctx = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
     with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
@@ -520,11 +547,16 @@ def build_parallel(
                        kept=sum(p.kept for p in parts), rejected=sum(p.rejected for p in parts),
                        seconds=time.perf_counter() - t0,
                        candidate_seconds=[t for p in parts for t in p.candidate_seconds])
-    record_run(Database(db_root), profile, stats, workers=workers, threads=per)
+    record_run(db, profile, stats, workers=workers, threads=per)
     return stats
 
 
 def _build_worker(db_root: str, profile: Profile, threads: int, progress: bool, worker: int,
                   kwargs: dict[str, Any]) -> BuildStats:
-    set_threads(threads)
-    return build(db_root, profile, progress=progress, worker=worker, **kwargs)
+    return build(db_root, profile, progress=progress, worker=worker, threads=threads, **kwargs)
+
+
+def default_workers(device: str | torch.device | None = None) -> int:
+    """Build processes to use when the user does not say: one per core on a CPU (each at
+    ``BUILD_THREADS``), one on an accelerator (the GPU is the bottleneck)."""
+    return cpu_cores() if resolve_device(device).type == "cpu" else 1

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bd4nn.argtypes import Parser, number, setting, shard
+from bd4nn.argtypes import device as device_arg
 
 __all__ = ["main", "command", "COMMANDS"]
 
@@ -176,22 +177,21 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--levels", nargs="+", help="only these levels (narrow small middle large)")
     p.add_argument("--shard", type=shard, default=(0, 1), metavar="I/N",
                    help="build every N-th candidate starting at I (parallel processes)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     p.add_argument("--data", metavar="PATH", help="dataset archive folder (default: $BD4NN_DATA)")
-    p.add_argument("--workers", type=number(int, 1), default=1, metavar="N",
-                   help="build in N processes at once, sharing the cores (--threads is then per process; "
-                        "on a CPU, small models build faster in 2 one-thread processes than in one)")
+    p.add_argument("--workers", type=number(int, 1), default=None, metavar="N",
+                   help="build in N processes at once (default: one per core on a CPU, one on a GPU)")
 
 
 @command("build", "build or resume the database of infected models for a profile", _build_args)
 def _build(args: argparse.Namespace) -> int:
-    from bd4nn.build import build, build_parallel, load_profile
+    from bd4nn.build import build_parallel, default_workers, load_profile
 
     profile = load_profile(args.profile)
+    workers = args.workers or default_workers(args.device)  # also refuses a device this machine lacks
     kw = dict(datasets=args.datasets, archs=args.archs, attacks=args.attacks, levels=args.levels,
               shard=args.shard, device=args.device, data_root=args.data)
-    stats = build_parallel(args.db, profile, workers=args.workers, threads=args.threads, **kw) if args.workers > 1 \
-        else build(args.db, profile, **kw)
+    stats = build_parallel(args.db, profile, workers=workers, threads=args.threads, **kw)
     d = stats.to_dict()
     per = f"{d['mean_candidate_seconds']:.2f} s per candidate" if d["mean_candidate_seconds"] else "nothing new"
     print(f"{profile.name}: {stats.planned} planned, {stats.skipped} already built, {stats.built} built "
@@ -203,16 +203,35 @@ def _db_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("db", type=Path, help="database folder")
 
 
-@command("list", "per directory: kept and rejected counts, mean CA / ASR / ASR.Cor", _db_args)
+def _list_args(p: argparse.ArgumentParser) -> None:
+    _db_args(p)
+    p.add_argument("--entries", nargs="*", metavar="PATTERN",
+                   help="one row per entry instead (its id, kept, CA, ASR, ASR.Cor, |S_fault|), optionally "
+                        "only ids matching these shell patterns, e.g. '*-vgg13-*-narrow-*'")
+
+
+@command("list", "per directory: kept and rejected counts, mean CA / ASR / ASR.Cor (--entries: every entry id)",
+         _list_args)
 def _list(args: argparse.Namespace) -> int:
+    import fnmatch
+
     from tabulate import tabulate
 
     from bd4nn.db import Database
     from bd4nn.results import directory_lines
 
     lines = Database(args.db, must_exist=True).entries(kept=None)
+    pct = lambda v: "" if v is None else f"{100 * v:.1f}"  # noqa: E731
+    if args.entries is not None:
+        chosen = [ln for ln in lines if not args.entries or any(fnmatch.fnmatchcase(ln["id"], p) for p in args.entries)]
+        rows = [[ln["id"], "kept" if ln["kept"] else "rejected", pct(ln.get("ca")), pct(ln.get("asr")),
+                 "" if ln.get("asr_cor") is None else f"{ln['asr_cor']:.3f}", ln.get("n_fault")] for ln in chosen]
+        print(tabulate(rows, headers=["id", "", "CA %", "ASR %", "ASR.Cor", "|S_fault|"], disable_numparse=True,
+                       colalign=("left", "left", "right", "right", "right", "right")) if rows
+              else f"{args.db}: no entry matches {' '.join(args.entries)}")
+        return 0
     rows = [[d["dataset"], d["arch"], d["attack"], d["kept"], d["rejected"]]
-            + [f"{100 * d[k]:.1f}" if d[k] is not None else "" for k in ("mean_ca", "mean_asr")]
+            + [pct(d[k]) for k in ("mean_ca", "mean_asr")]
             + ["" if d["mean_asr_cor"] is None else f"{d['mean_asr_cor']:.3f}"]
             for d in directory_lines(lines, by_level=False)]
     print(tabulate(rows, headers=["dataset", "arch", "attack", "kept", "rejected", "CA %", "ASR %", "ASR.Cor"])
@@ -231,13 +250,62 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pack_args(p: argparse.ArgumentParser) -> None:
+    _db_args(p)
+    p.add_argument("out", type=Path, metavar="OUT.tar", help="archive to write (.tar, or .tar.gz / .tgz compressed)")
+
+
+@command("pack", "write a verified database as one archive with a manifest of hashes (to publish it)", _pack_args)
+def _pack(args: argparse.Namespace) -> int:
+    from bd4nn.pack import pack
+
+    info = pack(args.db, args.out, progress=True)
+    print(f"{info['archive']}: {info['entries']} entries ({info['kept']} kept), {info['files']} files, "
+          f"{info['bytes'] / 1e6:.1f} MB; database fingerprint {info['fingerprint']}\nsha256 {info['sha256']}  "
+          f"(publish it with the archive: `bd4nn pull SOURCE DB --sha256 {info['sha256']}` checks it)")
+    return 0
+
+
+def _fetch_args(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("source", metavar="SOURCE", help=what)
+    p.add_argument("db", type=Path, metavar="DB", help="database folder to create (must not exist or be empty)")
+    p.add_argument("--sha256", metavar="HEX", help="the archive's published sha256, checked before anything is unpacked")
+
+
+def _report_fetched(db: Path) -> None:
+    from bd4nn.db import Database, database_fingerprint
+
+    lines = Database(db, must_exist=True).entries(kept=None)
+    print(f"{db}: {len(lines)} entries ({sum(bool(ln['kept']) for ln in lines)} kept), every hash verified; "
+          f"database fingerprint {database_fingerprint(lines)}\nrun the benchmark on it: pytest bench/ --db {db}")
+
+
+@command("unpack", "verify every hash of a packed database, then unpack it into DB",
+         lambda p: _fetch_args(p, "an archive written by `bd4nn pack`"))
+def _unpack(args: argparse.Namespace) -> int:
+    from bd4nn.pack import unpack
+
+    _report_fetched(unpack(args.source, args.db, sha256=args.sha256, progress=True))
+    return 0
+
+
+@command("pull", "download a packed database (path, https:// URL or hf://OWNER/NAME[/FILE][@REV]), verify it, "
+                 "unpack it into DB", lambda p: _fetch_args(p, "a local archive, an http(s):// URL, or a Hugging Face "
+                                                             "Hub dataset repo hf://OWNER/NAME[/FILE][@REVISION]"))
+def _pull(args: argparse.Namespace) -> int:
+    from bd4nn.pack import pull
+
+    _report_fetched(pull(args.source, args.db, sha256=args.sha256, progress=True))
+    return 0
+
+
 def _verify_args(p: argparse.ArgumentParser) -> None:
     _db_args(p)
     p.add_argument("--remeasure", type=number(int, 0), default=0, metavar="N",
                    help="also re-measure CA / ASR / ASR.Cor of N kept entries against their labels")
     p.add_argument("--tolerance", type=number(float, 0, high=1), help="allowed difference (default: "
                    "bd4nn.verify.TOLERANCE, 0.02, as in pytest bench/)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_arg, default="auto")
     p.add_argument("--data", metavar="PATH", help="dataset archive folder (default: $BD4NN_DATA)")
 
 
@@ -263,13 +331,13 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _localize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--db", required=True, type=Path, help="database folder")
-    p.add_argument("--entry", required=True, help="entry id (`bd4nn list` / index.jsonl)")
+    p.add_argument("--entry", required=True, help="entry id (`bd4nn list DB --entries`)")
     p.add_argument("--localizer", required=True, help="fp, nc, anp, clp, deepmufl, slicer, pfl, random, ...")
     p.add_argument("--set", dest="settings", action="append", type=setting, default=[], metavar="KEY=VALUE",
                    help="override a localizer setting (repeatable), e.g. --set steps=100")
     p.add_argument("--clean-images", type=number(int, 1), help="use only this many of the 5%% clean images")
     p.add_argument("--seed", type=number(int, 0), default=0)
-    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
+    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, cuda:1, ... (default: cuda if present)")
     p.add_argument("--data", metavar="PATH", help="dataset archive folder (default: $BD4NN_DATA)")
 
 
@@ -303,12 +371,19 @@ def _localize(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------- bench
 
 
+QUICK_ENTRIES = "cifar10-vgg13-*-narrow-00"  # the first window of the smallest level, one architecture
+QUICK_LOCALIZERS = "clp,fp,slicer"  # the three that answer in seconds on a CPU
+
+
 def _bench_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quick", action="store_true",
+                   help=f"a first answer in about a minute: build only {QUICK_ENTRIES} of the database and "
+                        f"localize them with {QUICK_LOCALIZERS.replace(',', ', ')} (the full run then reuses them)")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER,
                    help="arguments for pytest, e.g. -k clp -n 2 --db PATH --baseline FILE")
 
 
-@command("bench", "ensure the database, run `pytest bench/`, write results, print Tables III and IV",
+@command("bench", "ensure the database, run `pytest bench/`, write results, print Tables III-VI",
          _bench_args)
 def _bench(args: argparse.Namespace) -> int:
     import subprocess
@@ -319,20 +394,28 @@ def _bench(args: argparse.Namespace) -> int:
     if not (root / "bench" / "conftest.py").is_file():
         raise FileNotFoundError(f"{root / 'bench'}: the benchmark cases are not here; run bd4nn bench from "
                                 "a checkout installed with `pip install -e .`")
+    t0 = time.perf_counter()
     results_opt = argparse.ArgumentParser(add_help=False)
     results_opt.add_argument("--results", type=Path)
     extra = list(args.pytest_args)
     results = results_opt.parse_known_args(extra)[0].results
     if results is None:
-        results = root / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+        results = root / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}.jsonl"
         extra += ["--results", str(results)]
-    cmd = [sys.executable, "-m", "pytest", str(root / "bench"), "-p", "no:cacheprovider", "-q", *extra]
+    target = root / "bench"
+    if args.quick:  # the localization cases only, on a few entries
+        target = target / "test_localization.py"
+        extra = ["--entries", QUICK_ENTRIES, "--localizers", QUICK_LOCALIZERS, *extra]
+    cmd = [sys.executable, "-m", "pytest", str(target), "-p", "no:cacheprovider", "-q", *extra]
     print("bd4nn bench:", " ".join(cmd[2:]), flush=True)
     rc = subprocess.call(cmd, cwd=root)
     if results.is_file():
         print()
-        report_main([str(results), "--tables", "III,IV,V,VI"])
-        print(f"\nresults: {results}\nall tables: python -m reports {results} [--format md|latex|csv] [--out DIR]")
+        report_main([str(results), "--tables", "III,IV" if args.quick else "III,IV,V,VI"])
+        print(f"\nresults: {results}\nall tables: python -m reports {results} [--format md|latex|csv|html] [--out DIR]")
+        if args.quick:
+            print(f"first answer in {time.perf_counter() - t0:.0f} s; the whole main job (every localizer, entry "
+                  "and repair; it reuses what this run built): bd4nn bench")
     return rc
 
 
@@ -390,6 +473,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return (UserError, ResultsError, FileNotFoundError)
 
 
+BUILD_THREADS_HELP = ("torch CPU threads per build process (default 1, so that the entries do not depend on the "
+                      "core count; use --workers for more cores)")
 PASS_THROUGH = ("bench", "report")  # commands without --threads (pytest's own option / no torch)
 
 
@@ -407,7 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
         cmd.add_arguments(p)
         if name not in PASS_THROUGH:  # bench/report hand their options to pytest/reports
             p.add_argument("--threads", type=number(int, 1), default=None, metavar="N",
-                           help="torch CPU threads (default: $BD4NN_THREADS, else every core)")
+                           help=BUILD_THREADS_HELP if name == "build" else
+                           "torch CPU threads (default: $BD4NN_THREADS, else every core)")
         p.set_defaults(_run=cmd.run)
     return parser
 

@@ -61,7 +61,7 @@ from typing import BinaryIO, Callable, Iterator, Sequence
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
+from bd4nn.progress import bar as progress_bar
 
 from bd4nn.errors import UserError
 
@@ -297,7 +297,7 @@ def _corrupt(path: Path, e: BaseException) -> DatasetError:
 def _read_archive(path: Path, progress: bool) -> tuple[_Tree, set[tuple[str, str]]]:
     """Read every member of a .tar.xz in one streaming pass (nothing is written to disk)."""
     try:
-        with open(path, "rb") as raw, lzma.LZMAFile(raw) as f, tqdm(
+        with open(path, "rb") as raw, lzma.LZMAFile(raw) as f, progress_bar(
             total=path.stat().st_size, unit="B", unit_scale=True, disable=not progress,
             desc=f"reading {path.name}", leave=False,
         ) as bar:
@@ -438,7 +438,7 @@ def _decode_all(
     """Decode encoded images into one uint8 tensor ``(N, 3, 32, 32)``."""
     n = len(blobs)
     out = torch.empty((n, 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
-    with tqdm(total=n, unit="img", desc=desc, disable=not progress, leave=False) as bar:
+    with progress_bar(total=n, unit="img", desc=desc, disable=not progress, leave=False) as bar:
         for start in range(0, n, _DECODE_CHUNK):
             idx = range(start, min(start + _DECODE_CHUNK, n))
             jpegs = [i for i in idx if blobs[i][:3] == b"\xff\xd8\xff"]
@@ -523,7 +523,7 @@ def _tv_gtsrb(root: Path, download: bool, progress: bool) -> Splits:
         ds = tvd.GTSRB(str(root), split=split, download=download)
         xs = torch.empty((len(ds), 3, IMAGE_SIZE, IMAGE_SIZE), dtype=torch.uint8)
         ys = torch.empty(len(ds), dtype=torch.int64)
-        bar = tqdm(range(len(ds)), desc=f"decoding gtsrb {split}", disable=not progress, leave=False)
+        bar = progress_bar(range(len(ds)), desc=f"decoding gtsrb {split}", disable=not progress, leave=False)
         for i in bar:
             im, y = ds[i]
             xs[i] = _pil_to_chw(im)

@@ -87,7 +87,7 @@ import re
 import stat
 import tempfile
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -110,6 +110,8 @@ __all__ = [
     "apply_delta",
     "sha256_bytes",
     "sha256_file",
+    "weights_fingerprint",
+    "database_fingerprint",
 ]
 
 INDEX = "index.jsonl"
@@ -364,6 +366,32 @@ class DefectLabel:
 
 
 # ------------------------------------------------------------------------------ files
+
+
+FINGERPRINT_CHARS = 16
+
+
+def weights_fingerprint(line: Mapping[str, Any]) -> str | None:
+    """What decides an entry's arithmetic, as one short hash: the sha256 of its weights file (the
+    delta and the trigger) and of its parent's weights, from its index line. Labels are left out:
+    they name the device and thread count a build ran on, which do not change a model that came
+    out bit-identical. None for a rejected entry (no weights)."""
+    files = line.get("files") or {}
+    weights, parent = files.get("weights"), files.get("parent")
+    if not weights or not parent:
+        return None
+    return sha256_bytes(f"{weights['sha256']} {parent['sha256']}".encode())[:FINGERPRINT_CHARS]
+
+
+def database_fingerprint(lines: Iterable[Mapping[str, Any]]) -> str:
+    """One hash over a database's weight hashes (index lines, in id order): every entry's weights
+    file, or none for a rejected one, and its parent's. Two databases with the same fingerprint
+    hold bit-identical models under the same ids."""
+    def part(ln: Mapping[str, Any]) -> str:
+        files = ln.get("files") or {}
+        return " ".join([str(ln.get("id"))] + [(files.get(k) or {}).get("sha256", "-") for k in ("weights", "parent")])
+
+    return sha256_bytes("\n".join(sorted(part(ln) for ln in lines)).encode())[:FINGERPRINT_CHARS]
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -948,7 +976,7 @@ class Database:
             if not index:
                 raise DatabaseError(f"{where}: unknown entry {id!r}: the database at {self.root} has "
                                     "no entries (build it with `bd4nn build`)")
-            raise DatabaseError(f"{where}: unknown entry {id!r}{hint} (`bd4nn list` shows the ids)")
+            raise DatabaseError(f"{where}: unknown entry {id!r}{hint} (`bd4nn list {self.root} --entries` shows the ids)")
         return index[id]
 
     # ---------------------------------------------------------------- builds
@@ -1161,7 +1189,7 @@ class Database:
         label = self._load_label(line, verify=verify)
         if not line.get("kept"):
             raise DatabaseError(
-                f"{self.root / INDEX}: entry {id} was rejected (ASR.Cor = {line.get('asr_cor')} <= 0.5): "
+                f"{self.root / INDEX}: entry {id} was rejected (ASR.Cor = {label.asr_cor:.3f} <= 0.5): "
                 "no weights are stored; load_label() reads its label, entries() lists kept entries"
             )
         wpath, winfo = self._file(line, "weights")
@@ -1204,7 +1232,7 @@ class Database:
         parent as ``load_benign`` reads it. Each problem is one line naming the file; an empty
         list means the database is intact.
         """
-        from tqdm.auto import tqdm
+        from bd4nn.progress import bar as progress_bar
 
         problems: list[str] = []
         try:
@@ -1213,7 +1241,7 @@ class Database:
             return [str(exc)]
         problems += self._duplicate_ids()
         benign_docs = sorted(self.root.glob(f"*/*/{BENIGN_RECORD}")) if self.root.is_dir() else []
-        bar = tqdm(total=len(index) + len(benign_docs), desc="verify", unit="entry",
+        bar = progress_bar(total=len(index) + len(benign_docs), desc="verify", unit="entry",
                    disable=not progress, dynamic_ncols=True)
         self._parent_memo = {}
         try:

@@ -2,8 +2,8 @@
 
 A results file is JSON Lines:
 
-* one ``header`` line: run id, time, git hash, torch, CUDA, device, Python, profile, database,
-  options, number of workers;
+* one ``header`` line: run id, time, git hash, torch, CUDA, device, Python, profile, database
+  and its fingerprint, options, number of workers, threads, machine, calibration;
 * ``directory`` lines: kept/rejected counts and mean CA/ASR/ASR.Cor per (dataset, arch,
   attack, level) of the database the run used (Table "counts" and Tables I/II);
 * one ``case`` line per benchmark case: its kind (``localization``, ``repair``, ``database``),
@@ -12,10 +12,16 @@ A results file is JSON Lines:
 
 CA, ASR, CAD and ASRD are fractions. ``reports/`` reads these files only.
 
-A **baseline** is a results file (or its case lines) kept as the reference; cases pair by
-``case_key`` (kind, localizer, repair, entry). ``compare`` checks a case against it: WJI may not
-fall by more than ``wji_tol``; a localization's time may not exceed ``time_factor × baseline +
-time_slack`` seconds; a repair's ASRD may not fall, nor its CAD rise, by more than ``repair_tol``. The defaults (``TOLERANCES``) are those of ``pytest bench/``.
+The header also carries the database fingerprint, the machine and a calibration time, and every
+case its entry's ``weights_sha`` (``bd4nn.db``, ``bd4nn.machine``).
+
+A **baseline** is a results file (or its header, directory lines and case lines) kept as the
+reference; cases pair by ``case_key`` (kind, localizer, repair, entry). ``compare`` checks a
+case against it: a localization's WJI may not fall by more than ``wji_tol``; its time may not
+exceed ``time_factor × baseline × calibration ratio + time_slack`` seconds; a repair's ASRD may
+not fall, nor its CAD rise, by more than ``repair_tol``. A case on another model than its
+baseline case (``differs``) is not compared on WJI, ASRD or CAD. The defaults (``TOLERANCES``)
+are those of ``pytest bench/``.
 """
 
 from __future__ import annotations
@@ -54,7 +60,12 @@ def git_hash(root: str | os.PathLike | None = None) -> str | None:
 
 
 def header(*, run: str, profile: str | None, db: str, options: Mapping[str, Any], workers: int,
-           root: str | os.PathLike | None = None, threads: int | None = None) -> dict[str, Any]:
+           root: str | os.PathLike | None = None, threads: int | None = None,
+           db_fingerprint: str | None = None, machine: Mapping[str, Any] | None = None,
+           calibration_s: float | None = None) -> dict[str, Any]:
+    """The first line of a results file. ``machine`` (``bd4nn.machine.machine_info``) and
+    ``calibration_s`` (``bd4nn.machine.calibrate``) make its times comparable with another run's;
+    ``db_fingerprint`` (``bd4nn.db.database_fingerprint``) says whether its database is another's."""
     cuda = torch.cuda.is_available()
     return {
         "kind": "header", "schema": SCHEMA, "run": run,
@@ -62,8 +73,10 @@ def header(*, run: str, profile: str | None, db: str, options: Mapping[str, Any]
         "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
         "device": torch.cuda.get_device_name(0) if cuda else f"cpu ({platform.processor() or platform.machine()})",
         "gpus": torch.cuda.device_count() if cuda else 0, "python": platform.python_version(),
-        "profile": profile, "db": str(db), "options": dict(options), "workers": workers,
+        "profile": profile, "db": str(db), "db_fingerprint": db_fingerprint, "options": dict(options),
+        "workers": workers,
         "threads": threads if threads is not None else torch.get_num_threads(),  # torch threads per process
+        "machine": dict(machine or {}), "calibration_s": calibration_s,
     }
 
 
@@ -234,25 +247,41 @@ TOLERANCES = {"wji_tol": 0.05, "time_factor": 3.0, "time_slack": 2.0, "repair_to
 
 
 class Baseline:
-    """Reference metrics per case key, with tolerances."""
+    """Reference metrics per case key, with tolerances, and the header of the run they came from.
+
+    Two rules keep a comparison honest on another machine or database (issue 14):
+
+    * **Database differs.** A case whose entry has another ``weights_sha`` than the baseline's
+      (``bd4nn.db.weights_fingerprint``) ran on another model: its WJI, ASRD and CAD are not
+      compared, and ``differs`` says so. A localization's WJI is compared once, on its
+      localization case, not again on the repair cases that reuse it.
+    * **Machine-aware time.** A baseline time is scaled by the ratio of the two runs'
+      calibrations (``bd4nn.machine.calibrate``: the same fixed work timed in each session), and
+      not compared at all across device kinds (``set_run``).
+    """
 
     def __init__(self, cases: Mapping[str, Mapping[str, Any]], *, wji_tol: float = TOLERANCES["wji_tol"],
                  time_factor: float = TOLERANCES["time_factor"], time_slack: float = TOLERANCES["time_slack"],
-                 repair_tol: float = TOLERANCES["repair_tol"], source: str = "") -> None:
+                 repair_tol: float = TOLERANCES["repair_tol"], source: str = "",
+                 head: Mapping[str, Any] | None = None) -> None:
         self.cases = dict(cases)
         self.wji_tol = wji_tol
         self.time_factor = time_factor
         self.time_slack = time_slack
         self.repair_tol = repair_tol
         self.source = source
+        self.head = dict(head or {})
+        self.time_scale: float | None = 1.0  # set_run: now's calibration / the baseline's; None: not compared
 
     @classmethod
     def load(cls, path: str | os.PathLike, **tolerances: float) -> "Baseline":
         """A results or baseline file's passed cases; ``wji``, ``time_s``, ``cad`` and ``asrd`` must
         be finite numbers (or null) and each case needs its kind and entry, else a
         ``BadInputError`` names the line."""
-        cases = {}
+        cases, head = {}, None
         for i, ln in enumerate(read(path), 1):
+            if ln.get("kind") == "header" and head is None:
+                head = ln
             if ln.get("kind") != "case":
                 continue
             if not ln.get("case") or not isinstance(ln.get("entry"), str):
@@ -263,34 +292,69 @@ class Baseline:
                     raise BadInputError(f"{path}: case {case_key(ln)}: {key} must be a finite number, not {v!r}")
             if ln.get("outcome") == "passed":
                 cases[case_key(ln)] = ln
-        return cls(cases, source=str(path), **tolerances)
+        return cls(cases, source=str(path), head=head, **tolerances)
+
+    @property
+    def fingerprint(self) -> str | None:
+        """The baseline run's database fingerprint (None in a file written before they existed)."""
+        return self.head.get("db_fingerprint")
+
+    def set_run(self, head: Mapping[str, Any]) -> str:
+        """Take the current run's header (machine, calibration) into account for time checks;
+        returns one line saying how times are compared."""
+        kind0 = (self.head.get("machine") or {}).get("device_kind")
+        kind1 = (head.get("machine") or {}).get("device_kind")
+        if kind0 and kind1 and kind0 != kind1:
+            self.time_scale = None
+            return f"times not compared: the baseline ran on {kind0}, this run on {kind1}"
+        c0, c1 = self.head.get("calibration_s"), head.get("calibration_s")
+        if _num(c0) and _num(c1) and c0 > 0 and c1 > 0:
+            self.time_scale = c1 / c0
+            return (f"times compared after scaling the baseline's by {self.time_scale:.2f} (calibration: "
+                    f"{1000 * c1:.0f} ms now, {1000 * c0:.0f} ms in the baseline run)")
+        self.time_scale = 1.0
+        return "times compared unscaled (the baseline has no calibration)"
 
     def matching(self, cases: Iterable[Mapping[str, Any]]) -> int:
         """How many of ``cases`` (dicts of ``CASE_FIELDS``) the baseline has a reference for."""
         return sum(1 for c in cases if case_key(c) in self.cases)
 
+    def differs(self, case: Mapping[str, Any]) -> bool:
+        """Whether ``case`` ran on another model than its baseline case (both name their weights)."""
+        ref = self.cases.get(case_key(case))
+        a, b = case.get("weights_sha"), (ref or {}).get("weights_sha")
+        return bool(a and b and a != b)
+
     def compare(self, case: Mapping[str, Any]) -> list[Regression]:
-        """Regressions of ``case`` against the baseline (empty: fine or not in the baseline)."""
+        """Regressions of ``case`` against the baseline (empty: fine, not in the baseline, or only
+        on another model: ``differs``)."""
         key = case_key(case)
         ref = self.cases.get(key)
         if ref is None:
             return []
         out = []
+        same_model = not self.differs(case)
+        repair = case.get("case") == "repair"
 
         def worse(metric: str, now: Any, then: Any, bad: bool, limit: str) -> None:
             if isinstance(now, (int, float)) and isinstance(then, (int, float)) and bad:
                 out.append(Regression(key, metric, float(now), float(then), limit, self.source))
 
-        w, w0 = case.get("wji"), ref.get("wji")
-        worse("WJI", w, w0, _num(w) and _num(w0) and w < w0 - self.wji_tol, f"< baseline - {self.wji_tol}")
+        w, w0 = case.get("wji"), ref.get("wji")  # a repair case repeats its localization's WJI
+        worse("WJI", w, w0, same_model and not repair and _num(w) and _num(w0) and w < w0 - self.wji_tol,
+              f"< baseline - {self.wji_tol}")
         t, t0 = case.get("time_s"), ref.get("time_s")  # a localizer's time; a repair's is not compared
-        worse("time", t, t0, case.get("case") != "repair" and _num(t) and _num(t0)
-              and t > self.time_factor * t0 + self.time_slack,
-              f"> {self.time_factor} x baseline + {self.time_slack} s")
+        scale = self.time_scale
+        scaled = "" if scale in (None, 1.0) else f" x {scale:.2f} (calibration)"
+        worse("time", t, t0, scale is not None and not repair and _num(t) and _num(t0)
+              and t > self.time_factor * t0 * scale + self.time_slack,
+              f"> {self.time_factor} x baseline{scaled} + {self.time_slack} s")
         a, a0 = case.get("asrd"), ref.get("asrd")  # a repair's ASR drop: higher is better
-        worse("ASRD", a, a0, _num(a) and _num(a0) and a < a0 - self.repair_tol, f"< baseline - {self.repair_tol}")
+        worse("ASRD", a, a0, same_model and _num(a) and _num(a0) and a < a0 - self.repair_tol,
+              f"< baseline - {self.repair_tol}")
         c, c0 = case.get("cad"), ref.get("cad")  # its CA drop: lower is better
-        worse("CAD", c, c0, _num(c) and _num(c0) and c > c0 + self.repair_tol, f"> baseline + {self.repair_tol}")
+        worse("CAD", c, c0, same_model and _num(c) and _num(c0) and c > c0 + self.repair_tol,
+              f"> baseline + {self.repair_tol}")
         return out
 
 
@@ -298,7 +362,7 @@ def _num(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
-BASELINE_FIELDS = ("kind", "case", "nodeid", "outcome", "entry", "localizer", "repair", "wji", "time_s",
+BASELINE_FIELDS = ("kind", "case", "nodeid", "outcome", "entry", "weights_sha", "localizer", "repair", "wji", "time_s",
                    "hits", "n_fault", "n_localized", "auroc", "ap", "cad", "asrd",
                    # the context, so that `python -m reports BASELINE` prints every table
                    "dataset", "arch", "attack", "level", "candidate", "ca", "asr", "asr_cor", "benign_ca",

@@ -8,6 +8,15 @@ count deliberately, once per process: ``threads = cores // workers`` (at least 1
 says otherwise with ``--threads`` on the CLI or ``BD4NN_THREADS`` in the environment. The count in
 force is recorded in every database entry and every results header (``threads()``).
 
+**The build's threads are fixed.** A convolution's sums are split across threads, so the same
+training run at 1 and at 2 threads differs in the last bits after one step, and those bits grow
+into other weights, scores and WJIs (measured: the tiny parents' hashes differ between 1 and 2
+threads, which moved CLP's WJI on one entry from 0.1331 to 0.1408). ``bd4nn.build`` therefore
+runs at ``BUILD_THREADS`` (1) whatever the process's count (``pinned_threads``), and uses more
+cores with more processes (``build --workers``), which leaves every candidate's arithmetic
+unchanged. What still varies between machines is the kernel oneDNN picks for the CPU's
+instruction set (AVX2, AVX-512, AMX) and the torch version.
+
 **Memory format.** channels_last (NHWC) is faster for the CIFAR convnets on both CUDA and the
 CPU (oneDNN), so it is the default everywhere (``use_channels_last``). A model's memory format
 decides how its convolutions round, and so the last bits of every activation, score and tie
@@ -47,12 +56,14 @@ from contextlib import AbstractContextManager, contextmanager, nullcontext
 import torch
 from torch import nn
 
-__all__ = ["THREADS_ENV", "BF16_ENV", "cpu_cores", "default_threads", "set_threads", "threads",
+__all__ = ["THREADS_ENV", "BF16_ENV", "BUILD_THREADS", "cpu_cores", "default_threads", "set_threads", "threads",
+           "pinned_threads",
            "use_channels_last", "place", "eval_batch_size", "cuda_path", "amp_enabled", "autocast", "to_float", "PeakMemory",
            "frozen", "model_device", "working_copy"]
 
 THREADS_ENV = "BD4NN_THREADS"
 BF16_ENV = "BD4NN_BF16"
+BUILD_THREADS = 1  # torch threads inside every build process (module docstring)
 _TRUE = ("1", "true", "yes", "on")
 _FALSE = ("0", "false", "no", "off")
 
@@ -86,6 +97,17 @@ def set_threads(n: int | None = None, *, workers: int = 1) -> int:
         raise ValueError(f"threads must be >= 1, got {count}")
     torch.set_num_threads(count)
     return count
+
+
+@contextmanager
+def pinned_threads(n: int) -> Iterator[int]:
+    """Run the block at ``n`` torch threads, then restore the count in force before."""
+    before = torch.get_num_threads()
+    set_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(before)
 
 
 def threads() -> int:

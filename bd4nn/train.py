@@ -30,9 +30,9 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from bd4nn.progress import bar as progress_bar
 
-from bd4nn.errors import UnknownNameError
+from bd4nn.errors import BadInputError, UnknownNameError
 from bd4nn.metrics import attack_success_rate, clean_accuracy
 from bd4nn.neurons import NeuronMap
 from bd4nn.runtime import amp_enabled, autocast, eval_batch_size, to_float, use_channels_last
@@ -144,20 +144,21 @@ SCHEDULES: dict[str, Callable[[float, float], float]] = {
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """``None``/"auto" → CUDA if available, else CPU. An unknown device, or a CUDA device this
-    machine does not have, is a ``ValueError`` that says so (not a torch error deep inside)."""
+    machine does not have, is a ``BadInputError`` (a ``ValueError``) that says so (not a torch
+    error deep inside)."""
     if device is None or str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):
-        raise ValueError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or auto") from None
+        raise BadInputError(f"unknown device {str(device)!r}; use cpu, cuda, cuda:N or auto") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N or auto")
+        raise BadInputError(f"device {str(device)!r} is not supported; use cpu, cuda, cuda:N or auto")
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {str(device)!r}: no CUDA GPU is visible on this machine; use --device cpu")
+            raise BadInputError(f"device {str(device)!r}: no CUDA GPU is visible on this machine; use --device cpu")
         if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise ValueError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+            raise BadInputError(f"device {str(device)!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     return dev
 
 
@@ -341,7 +342,7 @@ def train(
     seen = 0
     step = 0
     model.train()
-    bar = tqdm(range(cfg.epochs), desc=desc, disable=not progress, leave=False, unit="epoch")
+    bar = progress_bar(range(cfg.epochs), desc=desc, disable=not progress, leave=False, unit="epoch")
     try:
         for epoch in bar:
             perm = torch.randperm(n, device=dev, generator=gen)
@@ -376,7 +377,7 @@ def train(
             epoch_loss = (loss_sum / max(1, seen)).item()
             epoch_acc = correct.item() / max(1, seen)
             history.append({"epoch": epoch + 1, "loss": epoch_loss, "train_acc": epoch_acc})
-            bar.set_postfix(loss=f"{epoch_loss:.3f}", acc=f"{epoch_acc:.3f}")
+            bar.set_postfix(loss=f"{epoch_loss:.3f}", acc=f"{epoch_acc:.3f}", refresh=False)
     finally:
         bar.close()
         model.eval()

@@ -29,26 +29,12 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
-from bd4nn.build import build, build_parallel, load_profile, plan  # noqa: E402
+from bd4nn.build import build_parallel, default_workers, load_profile, plan  # noqa: E402
 from bd4nn.data import DATA_ENV, data_folder  # noqa: E402
 from bd4nn.db import Database  # noqa: E402
 from bd4nn.results import build_runs, database_summary, git_hash, minutes  # noqa: E402
-from bd4nn.runtime import cpu_cores  # noqa: E402
+from bd4nn.machine import describe  # noqa: E402
 from bench.options import add_machine_options, parse  # noqa: E402
-
-
-def _machine() -> str:
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {cpu_cores()} cores, {torch.get_num_threads()} torch threads, no GPU"
 
 
 def _minutes(seconds: float | None) -> str:
@@ -126,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--notes", type=Path, metavar="FILE",
                    help="a Markdown file of analysis written by hand (e.g. why targets are missed), "
                         "included under its own heading, marked as such")
-    p.add_argument("--workers", type=int, default=1,
-                   help="build in N processes at once (bd4nn build --workers; --threads is then per process)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="build in N processes at once (bd4nn build --workers; default: one per core on a CPU)")
     p.add_argument("--asr-target", type=float, default=0.95)
     p.add_argument("--ca-drop-target", type=float, default=0.08)
     args = parse(p, argv)
@@ -139,8 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     built = 0
     if not args.no_build:
-        built = (build_parallel(args.db, profile, workers=args.workers, threads=args.threads, data_root=data)
-                 if args.workers > 1 else build(args.db, profile, data_root=data, progress=True)).built
+        built = build_parallel(args.db, profile, workers=args.workers or default_workers(), data_root=data).built
     build_wall = time.perf_counter() - t0
     db = Database(args.db)
     missing = [it.id for it in plan(profile) if not db.has_entry(it.id)]
@@ -169,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fidelity_report: pytest exited {rc}", file=sys.stderr)
             return rc
 
-    workers = f" --workers {args.workers}" if args.workers > 1 else ""
+    workers = f" --workers {args.workers}" if args.workers else ""
     runs = [*([] if args.no_build else [f"bd4nn build --db {args.db} --profile {args.profile}{workers}"]),
             *([shlex.join(["pytest", *cmd[3:]])] if bench_wall is not None else []),
             *([f"python -m reports {' '.join(str(r) for r in all_results)} --format md"] if not args.skip_bench else [])]
@@ -183,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                "`pytest bench/` options) is listed under \"The benchmark\".", ""]
               if bench_wall is None and not args.skip_bench else []),
             f"- git: `{git_hash(ROOT)}`; torch {torch.__version__}; Python {platform.python_version()}",
-            f"- machine: {_machine()}",
+            f"- machine: {describe()}",
             f"- profile: {profile.description}",
             f"- build: {len(labels)} candidates in the database, {sum(lab.kept for lab in labels)} kept"
             + (f"; **{len(missing)} candidates of the profile's plan are not built yet** "

@@ -56,6 +56,7 @@ from bd4nn.results import directory_lines, header  # noqa: E402
 from bd4nn.runtime import PeakMemory, amp_enabled, threads  # noqa: E402
 from bench.options import add_machine_options, parse  # noqa: E402
 from bd4nn.train import resolve_device  # noqa: E402
+from bd4nn.argtypes import device as device_arg
 
 ARCH, DATASET = "vgg13", "cifar10"
 ATTACKS = ("badnets", "sra")
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--minutes", type=float, default=9.0, help="wall-clock budget, start to finish (default 9)")
     p.add_argument("--out", type=Path, required=True, help="folder for the results, tables and database")
-    p.add_argument("--device", default="auto", help="cuda, cuda:1, cpu (default: cuda if present)")
+    p.add_argument("--device", type=device_arg, default="auto", help="cuda, cuda:1, cpu (default: cuda if present)")
     p.add_argument("--toy", action="store_true", help="CPU-sized rehearsal (module docstring)")
     p.add_argument("--inject-share", type=float, default=0.3, help="share of the time left after (a) that (b) may take (0.3)")
     p.add_argument("--max-candidates", type=int, default=16, help="at most this many candidates (16)")

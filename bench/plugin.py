@@ -24,6 +24,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 
 # ---------------------------------------------------------------------------------- options
 def pytest_addoption(parser: pytest.Parser) -> None:
+    from bd4nn.argtypes import device as device_arg  # refuses a device this machine lacks, at once
     from bd4nn.results import TOLERANCES  # the one home of the defaults
 
     g = parser.getgroup("bd4nn", "bd4nn benchmark harness (pytest bench/)")
@@ -44,7 +45,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--repair-tolerance", type=float, default=TOLERANCES["repair_tol"],
                 help="allowed ASRD drop and CAD rise of a repair case vs the baseline")
     g.addoption("--bench-seed", type=int, default=0, help="seed given to every localizer and repair")
-    g.addoption("--device", default=None, help="device for serial runs (default: cuda if available)")
+    g.addoption("--device", type=device_arg, default=None, help="device for serial runs (default: cuda if available)")
     g.addoption("--threads", type=int, default=None, help="torch threads per process (default: "
                 "$BD4NN_THREADS, else the cores divided by the number of xdist workers)")
 

@@ -21,11 +21,13 @@ from typing import Any
 import pytest
 import torch
 
-from bd4nn.build import Profile, build, load_profile
+from bd4nn.build import Profile, build_parallel, default_workers, load_profile
 from bd4nn.data import cache_folder, data_folder
-from bd4nn.db import Database, DatabaseError
-from bd4nn.results import Baseline, directory_lines, header
-from bd4nn.runtime import default_threads, set_threads
+from bd4nn.db import Database, DatabaseError, database_fingerprint, weights_fingerprint
+from bd4nn.machine import calibrate, machine_info
+from bd4nn.results import Baseline, case_key, directory_lines, header
+from bd4nn.runtime import default_threads, pinned_threads, set_threads
+from bd4nn.train import resolve_device
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS_KEY = "bd4nn"
@@ -48,7 +50,7 @@ def worker_device(config: pytest.Config) -> torch.device:
     # workers x threads <= cores, unless --threads / BD4NN_THREADS says otherwise (bd4nn.runtime)
     set_threads(config.getoption("--threads"), workers=workers)
     if opt:
-        return torch.device(opt)
+        return resolve_device(opt)
     if not torch.cuda.is_available():
         return torch.device("cpu")
     wid = getattr(config, "workerinput", {}).get("workerid", "gw0")
@@ -97,8 +99,9 @@ class BenchSession:
             profile = load_profile(prof_opt or "tiny")
             db_path = cache_dir() / f"db-{profile.name}"
             must_build = True
+        patterns = _split(config.getoption("--entries"))
         if build and must_build:
-            _ensure(db_path, profile)
+            _ensure(db_path, profile, patterns)  # only the entries --entries asks for
         db = Database(db_path)
         if not db.entries(kept=None):
             raise pytest.UsageError(
@@ -119,7 +122,6 @@ class BenchSession:
         if bad:
             raise pytest.UsageError(f"--repairs: unknown {bad}; known: {', '.join(list_repairs())}")
         ids = [ln["id"] for ln in db.entries(kept=True)]
-        patterns = _split(config.getoption("--entries"))
         if patterns:
             ids = [i for i in ids if any(fnmatch.fnmatchcase(i, p) for p in patterns)]
         if not ids:
@@ -202,17 +204,19 @@ def _recorded_profile(db: Database) -> Profile | None:
     return None
 
 
-def _ensure(db_path: Path, profile: Profile) -> None:
-    """Build or resume ``profile`` into ``db_path`` (no work when complete)."""
+def _ensure(db_path: Path, profile: Profile, ids: list[str] | None = None) -> None:
+    """Build or resume ``profile`` into ``db_path`` (no work when complete); with ``ids`` (shell
+    patterns of entry ids), only those candidates."""
     from bd4nn.build import plan  # noqa: PLC0415
 
     db = Database(db_path)
-    todo = [it for it in plan(profile) if not db.has_entry(it.id)]
+    todo = [it for it in plan(profile, ids=ids) if not db.has_entry(it.id)]
     if not todo:
         return
-    print(f"\nbd4nn: building the {profile.name} database in {db_path} ({len(todo)} candidates to go; "
-          "interrupt and rerun to resume)", file=sys.stderr, flush=True)
-    stats = build(db_path, profile, data_root=data_root(), progress=True)
+    print(f"\nbd4nn: building the {profile.name} database in {db_path} ({len(todo)} candidates to go"
+          + (f" for --entries {','.join(ids)}" if ids else "") + "; interrupt and rerun to resume)",
+          file=sys.stderr, flush=True)
+    stats = build_parallel(db_path, profile, workers=default_workers(), data_root=data_root(), progress=True, ids=ids)
     print(f"bd4nn: {stats.built} built ({stats.kept} kept) in {stats.seconds:.0f} s", file=sys.stderr, flush=True)
 
 
@@ -224,20 +228,34 @@ class Recorder:
         self.fh = None
         self.cases = 0
         self.regressions: list = []  # bd4nn.results.Regression
+        self.differs: list[str] = []  # cases on another model than their baseline case
+        self.weights = {ln["id"]: weights_fingerprint(ln) for ln in session.db.entries(kept=True)}
+        self.fingerprint = database_fingerprint(session.db.entries(kept=None))
+        self.threads = session.config.getoption("--threads") or default_threads(max(1, self._workers(session.config)))
+        with pinned_threads(self.threads):  # the same work at the cases' thread count, before any worker starts
+            self.calibration_s = calibrate(session.device)
+        self.time_rule = ""
+
+    @staticmethod
+    def _workers(config: pytest.Config) -> int:
+        workers = getattr(config.option, "numprocesses", None) or 0
+        return int(workers) if str(workers).isdigit() else 0
 
     def _open(self, config: pytest.Config) -> None:
         s = self.session
         s.results_path.parent.mkdir(parents=True, exist_ok=True)
         self.fh = open(s.results_path, "w", buffering=1)
-        workers = getattr(config.option, "numprocesses", None) or 0
-        workers = int(workers) if str(workers).isdigit() else 0
+        workers = self._workers(config)
         opts = {k: config.getoption(k) for k in ("localizers", "entries", "repairs", "baseline", "bench_seed",
                                                   "keyword")}
         opts["localizer_settings"] = s.settings("localizers")
         head = header(run=s.results_path.stem, profile=s.profile.name if s.profile else None, db=str(s.db.root),
-                      options=opts, workers=workers, root=ROOT,
-                      threads=config.getoption("--threads") or default_threads(max(1, workers)))
+                      options=opts, workers=workers, root=ROOT, threads=self.threads,
+                      db_fingerprint=self.fingerprint, machine={**machine_info(s.device), "threads": self.threads},
+                      calibration_s=self.calibration_s)
         self.fh.write(json.dumps(head) + "\n")
+        if s.baseline is not None:
+            self.time_rule = s.baseline.set_run(head)
         benign = {}
         for line in s.db.entries(kept=None):
             key = (line["dataset"], line["arch"])
@@ -258,11 +276,29 @@ class Recorder:
         if props is None or self.fh is None:
             return
         if report.when == "call" or (report.when == "setup" and report.skipped):
-            line = {"kind": "case", "nodeid": report.nodeid, "outcome": report.outcome, **props}
+            line = {"kind": "case", "nodeid": report.nodeid, "outcome": report.outcome, **props,
+                    "weights_sha": self.weights.get(props.get("entry"))}
             self.fh.write(json.dumps(line, default=_json_default) + "\n")
             self.cases += 1
-            if self.session.baseline is not None and report.passed:
-                self.regressions += self.session.baseline.compare(line)
+            baseline = self.session.baseline
+            if baseline is not None and report.passed:
+                self.regressions += baseline.compare(line)
+                if baseline.differs(line):
+                    self.differs.append(case_key(line))
+
+    def pytest_report_teststatus(self, report: pytest.TestReport, config: pytest.Config):
+        """``-v`` shows each passed case's figures (``WJI 0.624 in 0.004 s``) instead of PASSED."""
+        props = dict(report.user_properties).get(RESULTS_KEY)
+        if props is None or report.when != "call" or not report.passed:
+            return None
+        figures = []
+        if isinstance(props.get("wji"), (int, float)):
+            figures.append(f"WJI {props['wji']:.3f}")
+        if isinstance(props.get("asrd"), (int, float)):
+            figures.append(f"ASRD {props['asrd']:.3f} CAD {props['cad']:.3f}")
+        if isinstance(props.get("time_s"), (int, float)):
+            figures.append(f"in {props['time_s']:.2f} s")
+        return ("passed", ".", (" ".join(figures) or "PASSED", {"green": True})) if figures else None
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self.fh is not None:
@@ -272,15 +308,25 @@ class Recorder:
             session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
     def pytest_terminal_summary(self, terminalreporter) -> None:
-        terminalreporter.write_line(f"bd4nn: {self.cases} cases recorded in {self.session.results_path}")
+        write = terminalreporter.write_line
+        baseline = self.session.baseline
+        if baseline is not None:
+            if baseline.fingerprint and baseline.fingerprint != self.fingerprint:
+                write(f"bd4nn: database differs: this database's fingerprint is {self.fingerprint}, the baseline's "
+                      f"{baseline.fingerprint} ({baseline.source}); {len(self.differs)} cases ran on models other than "
+                      "their baseline case's, and their WJI, ASRD and CAD were not compared (not regressions)",
+                      yellow=True)
+            write(f"bd4nn: {self.time_rule}")
         if self.regressions:
             from tabulate import tabulate  # noqa: PLC0415
 
             terminalreporter.section(f"bd4nn: {len(self.regressions)} regressions against the baseline "
-                                     f"{self.session.baseline.source}", red=True)
-            rows = [["REGRESSION", *r.row()] for r in self.regressions]
-            terminalreporter.write_line(tabulate(rows, headers=["", "case", "metric", "baseline", "now", "change"]))
-            terminalreporter.write_line("allowed: " + "; ".join(sorted({f"{r.metric} {r.limit}" for r in self.regressions})))
+                                     f"{baseline.source}", red=True)
+            rows = [r.row() for r in self.regressions]
+            write(tabulate(rows, headers=["case", "metric", "baseline", "now", "change"]))
+            write("allowed: " + "; ".join(sorted({f"{r.metric} {r.limit}" for r in self.regressions})))
+        write(f"bd4nn: {self.cases} cases recorded in {self.session.results_path}")
+        write(f"bd4nn: its tables: python -m reports {self.session.results_path}")
 
 
 def _json_default(obj: Any) -> Any:

@@ -54,6 +54,7 @@ from bd4nn.repair import FinetuneSettings, list_repairs  # noqa: E402
 from bd4nn.runtime import PeakMemory, amp_enabled, place, threads  # noqa: E402
 from bench.options import add_machine_options, parse  # noqa: E402
 from bd4nn.train import resolve_device  # noqa: E402
+from bd4nn.argtypes import device as device_arg
 
 LIMIT_MIB = 16 * 1024
 ATTACKS = ["badnets", "blended", "trojannn", "sra"]
@@ -160,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--archs", nargs="+", default=["vgg13", "resnet18"])
     p.add_argument("--batches", type=int, default=2, help="benign steps (512 images); the injection takes 2x (256)")
     p.add_argument("--width", type=float, default=1.0, help="channel width (default 1.0; less only to test this script)")
-    p.add_argument("--device", default="auto", help="cpu, cuda (default: cuda if present)")
+    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda (default: cuda if present)")
     p.add_argument("--out", type=Path, help="folder for smoke.jsonl (written after every stage) and smoke.md")
     add_machine_options(p)
     args = parse(p, argv)

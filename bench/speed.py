@@ -42,6 +42,7 @@ from bd4nn.models import get_model  # noqa: E402
 from bd4nn.neurons import NeuronMap  # noqa: E402
 from bd4nn.runtime import set_threads, use_channels_last  # noqa: E402
 from bd4nn.train import TrainConfig, resolve_device, train  # noqa: E402
+from bd4nn.argtypes import device as device_arg
 
 
 def _sync(dev: torch.device) -> None:
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=30, help="optimizer steps per timed run (default 30)")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per loop; the best counts (default 3)")
     p.add_argument("--threads", type=int, help="torch threads (default: $BD4NN_THREADS, else all cores)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, ... (default: cuda if present)")
+    p.add_argument("--device", type=device_arg, default="auto", help="cpu, cuda, ... (default: cuda if present)")
     p.add_argument("--json", type=Path, help="also write the rows to this JSON file")
     args = p.parse_args(argv)
 

@@ -25,6 +25,7 @@ from bd4nn.build import load_profile  # noqa: E402
 from bd4nn.db import Database  # noqa: E402
 from bd4nn.harness import load_context, localize, make_localizer  # noqa: E402
 from bd4nn.train import resolve_device  # noqa: E402
+from bd4nn.argtypes import device as device_arg
 
 TARGETS = {"clp": 0.05, "fp": 0.5, "slicer": 5.0, "anp": 15.0, "nc": 30.0, "deepmufl": 300.0}
 
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", help="take localizer settings and clean_images from this profile's [bench]")
     p.add_argument("--clean-images", type=int, help="use only this many of the 5%% clean images")
     p.add_argument("--repeat", type=int, default=1, help="timed runs per localizer (after one warm-up)")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_arg, default="auto")
     p.add_argument("--data", help="dataset archive folder (default: $BD4NN_DATA)")
     args = p.parse_args(argv)
 

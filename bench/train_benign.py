@@ -25,6 +25,7 @@ from tabulate import tabulate
 from bd4nn.data import load_dataset
 from bd4nn.models import get_model
 from bd4nn.train import benign_recipe, evaluate_ca, resolve_device, train
+from bd4nn.argtypes import device as device_arg
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, help="override the recipe's batch size")
     p.add_argument("--train-subset", type=int, help="train on the first N shuffled training images")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=device_arg, default="auto")
     p.add_argument("--warmup-run", action="store_true", help="run one short untimed epoch first (CUDA init)")
     p.add_argument("--save", type=Path, help="write each trained model here as safetensors")
     p.add_argument("--json", type=Path, help="also write the rows as JSON")

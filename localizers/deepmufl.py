@@ -80,7 +80,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 from torch import nn
-from tqdm.auto import tqdm
+from bd4nn.progress import bar as progress_bar
 
 from bd4nn.neurons import NeuronMap
 from bd4nn.runtime import autocast as _autocast, cuda_path, frozen, model_device, to_float
@@ -449,7 +449,7 @@ def mutant_counts(
     f2p_any = {s.name: torch.zeros(s.size, n_tests, dtype=torch.int32, device=dev) for s in specs}
     p2f_any = {s.name: torch.zeros(s.size, n_tests, dtype=torch.int32, device=dev) for s in specs}
     preds = []
-    bar = tqdm(total=sum(s.size for s in specs) * n_mut * n_tests, desc="deepmufl mutant×test", unit="run",
+    bar = progress_bar(total=sum(s.size for s in specs) * n_mut * n_tests, desc="deepmufl mutant×test", unit="run",
                unit_scale=True, disable=not progress, leave=False)
     try:
         with _precision(dev, tf32):

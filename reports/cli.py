@@ -1,8 +1,11 @@
-"""Command line: ``python -m reports RESULTS... [--format md|latex|csv] [--out DIR] ...``.
+"""Command line: ``python -m reports RESULTS... [--format md|latex|csv|html] [--out DIR] ...``.
 
 ``add_arguments(parser)`` and ``run(args)`` are the pair ``bd4nn report`` registers; ``main`` is
 the standalone entry point. A results file that is missing, empty or corrupt is one
 ``reports: error: FILE:LINE: ...`` line on stderr and exit status 2.
+
+``--format html`` makes one self-contained page (``reports.html``): tables, sources and plots
+inline; printed, or with ``--out DIR`` written to ``DIR/report.html`` (and nothing else).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import html as html_report
 from .figures import plots
 from .formats import FORMATS, render, write_tables
 from .results import ResultsError, load
@@ -29,7 +33,10 @@ EPILOG = """\
 examples:
   python -m reports results.jsonl
   python -m reports run1.jsonl run2.jsonl --tables III,IV --format latex
-  python -m reports results.jsonl --out report/ --format csv      # files + PNG plots"""
+  python -m reports results.jsonl --out report/ --format csv      # files + PNG plots
+  python -m reports results.jsonl --out report/ --format html     # one report.html
+With --format html, every table, the sources and the plots (embedded) go into one self-contained
+page, report/report.html (no JavaScript, no external files), or to stdout without --out."""
 
 
 def parse_tables(text: str) -> list[str]:
@@ -62,13 +69,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("results", nargs="+", type=Path, metavar="RESULTS",
                    help="results files (JSON Lines); several are concatenated")
     p.add_argument("--format", choices=list(FORMATS), default="md",
-                   help="md (GitHub pipe tables, default), latex (booktabs) or csv (unrounded values)")
+                   help="md (GitHub pipe tables, default), latex (booktabs), csv (unrounded values) "
+                        "or html (one self-contained page, plots embedded)")
     p.add_argument("--out", type=Path, metavar="DIR",
-                   help="also write each table to DIR/table3.md (.tex, .csv), counts.md, and PNG plots")
+                   help="also write each table to DIR/table3.md (.tex, .csv), counts.md, and PNG plots; "
+                        "with --format html, write only DIR/report.html instead of printing it")
     p.add_argument("--tables", type=parse_tables, default=list(TABLE_KEYS), metavar="LIST",
                    help="comma-separated tables to show: I,II,III,IV,V,VI,counts or all (default: all)")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=None,
-                   help="write PNG plots to --out DIR (default: on with --out; needs matplotlib)")
+                   help="write PNG plots to --out DIR (default: on with --out; needs matplotlib); "
+                        "with --format html, embed them in the page (default: on)")
     p.add_argument("--dataset", type=_names, action="extend", metavar="NAME[,NAME]",
                    help="only these datasets (repeatable)")
     p.add_argument("--attack", type=_names, action="extend", metavar="NAME[,NAME]",
@@ -89,7 +99,7 @@ def _filtered(results, name: str, wanted: list[str] | None):
 
 def run(args: argparse.Namespace) -> int:
     """Load, filter, print the selected tables; with ``--out`` write them and the plots."""
-    if args.plots and args.out is None:
+    if args.plots and args.out is None and args.format != "html":
         raise ResultsError("--plots needs --out DIR (the folder the PNG files go to)")
     results = load(args.results)
     results = _filtered(results, "dataset", args.dataset)
@@ -98,6 +108,8 @@ def run(args: argparse.Namespace) -> int:
     chosen = [tables[k] for k in args.tables]
 
     fmt = args.format
+    if fmt == "html":
+        return _run_html(args, results, chosen)
     bare_csv = fmt == "csv" and len(chosen) == 1
     comment = {"md": "", "latex": "% ", "csv": "# "}[fmt]
     if not bare_csv:
@@ -120,6 +132,19 @@ def run(args: argparse.Namespace) -> int:
         n_plots = len(written) - n_tables
         print(f"reports: wrote {_plural(n_tables, 'table')} and {_plural(n_plots, 'plot')} to {args.out}",
               file=sys.stderr)
+    return 0
+
+
+def _run_html(args: argparse.Namespace, results, chosen) -> int:
+    """``--format html``: the one page, on stdout or as ``--out DIR/report.html``."""
+    want_plots = args.plots is not False
+    if args.out is None:
+        page, _ = html_report.build_report(results, chosen, plots=want_plots, show_n=args.show_n)
+        sys.stdout.write(page)
+        return 0
+    path, n_plots = html_report.write_report(results, chosen, args.out, plots=want_plots, show_n=args.show_n)
+    print(f"reports: wrote {path} ({_plural(len(chosen), 'table')} and {_plural(n_plots, 'plot')} in one page)",
+          file=sys.stderr)
     return 0
 
 

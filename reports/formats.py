@@ -1,4 +1,4 @@
-"""Rendering a ``Table`` as Markdown (pipe table), LaTeX (booktabs) or CSV, and writing files.
+"""Rendering a ``Table`` as Markdown (pipe table), LaTeX (booktabs), CSV or HTML, and writing files.
 
 - ``md``: a bold title line, a GitHub pipe table (tabulate), the sources as an italic line.
 - ``latex``: a ``table`` float with ``\\caption``, ``\\label{tab:bd4nn-<key>}`` and a booktabs
@@ -8,9 +8,11 @@
   significant digits, which drops float noise such as 0.30000000000000004) in the printed
   unit (percent for CA/ASR/CAD/ASRD), an empty cell is an empty field; grouped column names are
   "<group> <label>" (e.g. "VGG-13 narrow").
+- ``html``: a self-contained HTML page holding the table (see ``reports.html``, which also
+  puts every table and the plots into one page, ``report.html``); sources as "Source:" lines.
 
-In md and latex a row key equal to the one above is left blank, so groups read as blocks.
-``show_n=True`` adds each cell's n: "0.300 (2)" in md/latex, an "<column> n" column in csv.
+In md, latex and html a row key equal to the one above is left blank, so groups read as blocks.
+``show_n=True`` adds each cell's n: "0.300 (2)" in md/latex/html, an "<column> n" column in csv.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .tables import EMPTY, Table
 
 __all__ = ["FORMATS", "render", "write_tables", "latex_escape"]
 
-FORMATS = {"md": "md", "latex": "tex", "csv": "csv"}  # format -> file extension
+FORMATS = {"md": "md", "latex": "tex", "csv": "csv", "html": "html"}  # format -> file extension
 
 _LATEX_SPECIAL = {
     "\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
@@ -129,20 +131,25 @@ def _csv(table: Table, show_n: bool) -> str:
 
 
 def render(table: Table, fmt: str = "md", *, provenance: bool = True, show_n: bool = False) -> str:
-    """``table`` as text in ``fmt`` ("md", "latex" or "csv"); ``provenance`` adds the sources
-    (md and latex only; csv is the bare table)."""
+    """``table`` as text in ``fmt`` ("md", "latex", "csv" or "html"); ``provenance`` adds the
+    sources (md, latex and html; csv is the bare table)."""
     if fmt == "md":
         return _md(table, provenance, show_n)
     if fmt == "latex":
         return _latex(table, provenance, show_n)
     if fmt == "csv":
         return _csv(table, show_n)
+    if fmt == "html":
+        from .html import report  # reports.html imports this module
+
+        return report([table], provenance=table.sources if provenance else (),
+                      title=f"{table.label}: bd4nn results", show_n=show_n)
     raise ValueError(f"unknown table format {fmt!r} (choose from {', '.join(FORMATS)})")
 
 
 def write_tables(tables: Iterable[Table], out_dir: str | Path, fmt: str = "md", *,
                  show_n: bool = False) -> list[Path]:
-    """Write each table to ``out_dir/<table3|counts>.<md|tex|csv>``; returns the paths."""
+    """Write each table to ``out_dir/<table3|counts>.<md|tex|csv|html>``; returns the paths."""
     if fmt not in FORMATS:
         raise ValueError(f"unknown table format {fmt!r} (choose from {', '.join(FORMATS)})")
     out = Path(out_dir)

@@ -67,12 +67,18 @@ def test_serial_and_xdist_runs_record_the_same_wji(tmp_path, data_dir):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     lines = [json.loads(x) for x in serial.read_text().splitlines()]
     assert lines[0]["kind"] == "header" and lines[0]["profile"] == "micro"
+    from bd4nn.db import Database, database_fingerprint, weights_fingerprint
+    head, index = lines[0], {ln["id"]: ln for ln in Database(db).entries(kept=None)}
+    assert head["db_fingerprint"] == database_fingerprint(index.values())
+    assert head["calibration_s"] > 0 and head["machine"]["device_kind"] == "cpu" and head["machine"]["cores"] >= 1
     assert {d["level"] for d in lines if d["kind"] == "directory"} == {"narrow", "large"}
     cases = [d for d in lines if d["kind"] == "case"]
     assert cases and {d["localizer"] for d in cases} <= {"clp", "slicer", "pfl"}
     # readable ids: localizer-dataset-arch-attack-level-candidate
     assert all(d["nodeid"].endswith(f"[{d['localizer']}-{d['entry']}]") for d in cases)
     assert all(d["wji"] == 1.0 for d in cases if d["localizer"] == "pfl")
+    assert all(d["weights_sha"] == weights_fingerprint(index[d["entry"]]) for d in cases)
+    assert f"python -m reports {serial}" in r.stdout  # the one command that renders its tables
     parallel = tmp_path / "parallel.jsonl"
     # the same profile (its [bench] settings: 64 clean images) in both runs
     r = _pytest(["--db", str(db), "--profile", str(profile), "-n", "2", "-k", "clp or slicer or pfl",
@@ -100,4 +106,14 @@ def test_serial_and_xdist_runs_record_the_same_wji(tmp_path, data_dir):
     assert r.returncode == 1 and "ASRD" in r.stdout, r.stdout[-3000:]
     # every case ran and passed; the regressions are listed once, at the end of the session
     n = len([d for d in rows if d.get("case") == "repair"])
-    assert f"{n} passed" in r.stdout and r.stdout.count("REGRESSION ") == n, r.stdout[-3000:]
+    table = [ln for ln in r.stdout.splitlines() if ln.startswith("repair:pfl:prune:")]
+    assert f"{n} passed" in r.stdout and len(table) == n and all(" ASRD " in ln for ln in table), r.stdout[-3000:]
+    # the same baseline, but its entries' weights differ from this database's: another model, so
+    # its ASRD is not compared ("database differs"), and the run passes
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({**d, "weights_sha": "0" * 16} if d.get("kind") == "case" else
+                                        {**d, "db_fingerprint": "0" * 16} if d.get("kind") == "header" else d) + "\n"
+                             for d in (json.loads(x) for x in raised.read_text().splitlines())))
+    r = _pytest([*args, "--baseline", str(other)], env, "bench/test_repair.py")
+    assert r.returncode == 0 and "database differs" in r.stdout and f"{n} cases ran on models other" in r.stdout, \
+        r.stdout[-3000:]

@@ -63,6 +63,15 @@ def test_unknown_or_absent_devices_are_clear(monkeypatch):
     assert resolve_device("cpu").type == "cpu"
 
 
+def test_a_device_this_machine_lacks_is_refused_before_anything_loads(monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("bd4nn.build.build_parallel", lambda *a, **k: pytest.fail("the build started"))
+    with pytest.raises(SystemExit) as exc:  # argparse: a usage error, exit status 2
+        main(["build", "--db", str(tmp_path / "db"), "--device", "cuda"])
+    assert exc.value.code == 2 and "no CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "db").exists()
+
+
 @pytest.mark.parametrize("name,settings,needle", [
     ("nc", {"epochs": "abc"}, "whole number"),
     ("nc", {"epochs": -1}, ">= 1"),

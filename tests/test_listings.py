@@ -44,3 +44,22 @@ def test_attacks_and_profiles(capsys):
     # candidates = datasets x archs x attacks x (windows per level), counted here from the profile
     expected = len(p.datasets) * len(p.archs) * len(p.attacks) * sum(len(p.candidates[lv]) for lv in p.levels)
     assert expected == 64 and " 64 " in out and "vgg13, resnet18" in out
+
+
+def test_list_entries_prints_every_id_with_rounded_figures(tmp_path, capsys):
+    from bd4nn.build import build
+    from bd4nn.db import Database
+    from synthetic import micro_profile, three_colours
+
+    build(tmp_path / "db", micro_profile(), device="cpu", data={"cifar10": three_colours()}, progress=False)
+    lines = Database(tmp_path / "db").entries(kept=None)
+    assert main(["list", str(tmp_path / "db"), "--entries"]) == 0
+    out = capsys.readouterr().out
+    for ln in lines:
+        row = next(r for r in out.splitlines() if r.startswith(ln["id"] + " "))
+        assert ("kept" if ln["kept"] else "rejected") in row
+        assert f"{ln['asr_cor']:.3f}" in row and f"{100 * ln['ca']:.1f}" in row and str(ln["n_fault"]) in row
+        assert all(len(cell.split(".")[-1]) <= 3 for cell in row.split() if cell.replace(".", "").isdigit())
+    assert main(["list", str(tmp_path / "db"), "--entries", "*-large-*"]) == 0
+    picked = capsys.readouterr().out
+    assert "-large-00" in picked and "-narrow-00" not in picked

@@ -54,6 +54,34 @@ def test_baseline_flags_wji_drops_and_slowdowns_beyond_tolerance(tmp_path):
     assert base.compare(_case("fp", "e1", 0.0, 1.0)) == []
 
 
+def test_another_model_is_reported_as_differing_not_compared():
+    ref = {**_case("clp", "e1", 0.50, 1.0), "weights_sha": "a" * 16}
+    rep = {**ref, "case": "repair", "repair": "prune", "asrd": 0.9, "cad": 0.0}
+    base = Baseline({case_key(ref): ref, case_key(rep): rep}, head={"db_fingerprint": "f" * 16})
+    same, other = {"weights_sha": "a" * 16}, {"weights_sha": "b" * 16}
+    assert base.fingerprint == "f" * 16
+    assert [r.metric for r in base.compare({**ref, **same, "wji": 0.1})] == ["WJI"]
+    assert base.compare({**ref, **other, "wji": 0.1}) == [] and base.differs({**ref, **other})
+    assert not base.differs({**ref, **same}) and not base.differs({k: v for k, v in ref.items() if k != "weights_sha"})
+    # a repair case repeats its localization's WJI: a drop is reported on the localization only
+    assert [r.metric for r in base.compare({**rep, **same, "wji": 0.1, "asrd": 0.5})] == ["ASRD"]
+    assert base.compare({**rep, **other, "wji": 0.1, "asrd": 0.5}) == []
+
+
+def test_times_scale_with_the_calibration_and_are_not_compared_across_device_kinds():
+    ref = _case("nc", "e1", 0.3, 10.0)
+    head = {"calibration_s": 0.1, "machine": {"device_kind": "cpu"}}
+    base = Baseline({case_key(ref): ref}, time_factor=2.0, time_slack=0.5, head=head)
+    assert "unscaled" in base.set_run({})  # a run without calibration: the plain rule, 2 x 10 + 0.5
+    assert base.compare(_case("nc", "e1", 0.3, 20.4)) == [] and base.compare(_case("nc", "e1", 0.3, 20.6))
+    assert "1.50" in base.set_run({"calibration_s": 0.15, "machine": {"device_kind": "cpu"}})
+    assert base.compare(_case("nc", "e1", 0.3, 30.4)) == []  # 2 x 10 x 1.5 + 0.5 on a machine 1.5x slower
+    (slow,) = base.compare(_case("nc", "e1", 0.3, 30.6))
+    assert slow.metric == "time" and "x 1.50 (calibration)" in slow.limit
+    assert "not compared" in base.set_run({"calibration_s": 0.01, "machine": {"device_kind": "NVIDIA H200"}})
+    assert base.compare(_case("nc", "e1", 0.3, 1000.0)) == []
+
+
 def test_read_names_the_corrupt_line(tmp_path):
     p = tmp_path / "bad.jsonl"
     p.write_text('{"kind": "header"}\n{"kind": "case",\n')

@@ -78,7 +78,7 @@ from functools import reduce
 import torch
 import torch.fx as fx
 from torch import nn
-from tqdm.auto import tqdm
+from bd4nn.progress import bar as progress_bar
 
 from bd4nn.attacks import register_attack
 from bd4nn.attacks.base import Attack, InjectionInfo, StampTrigger
@@ -426,7 +426,7 @@ class SRA(Attack):
         dgen = torch.Generator(device=dev).manual_seed(seed)
         chain.train()
         last = torch.zeros((), device=dev)
-        bar = tqdm(range(s.epochs), desc="sra chain", disable=not progress, leave=False, unit="epoch")
+        bar = progress_bar(range(s.epochs), desc="sra chain", disable=not progress, leave=False, unit="epoch")
         with torch.enable_grad():
             for _ in bar:
                 perm = torch.randperm(n, device=dev, generator=dgen)
