@@ -67,6 +67,7 @@ class Profile:
     attacks: list[str]
     levels: list[str]
     description: str = ""
+    build_time: str = ""  # a measured build time and the machine it was measured on (`bd4nn profiles`)
     seed: int = 0
     target: int = 0
     width: float = 1.0

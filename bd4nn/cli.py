@@ -116,7 +116,8 @@ def _attacks(args: argparse.Namespace) -> int:
     return 0
 
 
-@command("profiles", "list the built-in profiles: what each builds and how many candidates", _names_args)
+@command("profiles", "list the built-in profiles: what each builds, how many candidates, measured build time",
+         _names_args)
 def _profiles(args: argparse.Namespace) -> int:
     from tabulate import tabulate
 
@@ -126,6 +127,7 @@ def _profiles(args: argparse.Namespace) -> int:
     for name in args.names or list_profiles():
         p = load_profile(name)
         rows.append([name, len(plan(p)), ", ".join(p.datasets), ", ".join(p.archs), f"{p.width:g}", p.description])
+        rows.append(["", "", "", "", "", f"build time: {p.build_time or 'not measured'}"])
     print(tabulate(rows, headers=["profile", "candidates", "datasets", "archs", "width", "description"]))
     return 0
 

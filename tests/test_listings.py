@@ -44,6 +44,7 @@ def test_attacks_and_profiles(capsys):
     # candidates = datasets x archs x attacks x (windows per level), counted here from the profile
     expected = len(p.datasets) * len(p.archs) * len(p.attacks) * sum(len(p.candidates[lv]) for lv in p.levels)
     assert expected == 64 and " 64 " in out and "vgg13, resnet18" in out
+    assert f"build time: {p.build_time}" in out and p.build_time.startswith("65 min")
 
 
 def test_list_entries_prints_every_id_with_rounded_figures(tmp_path, capsys):
