@@ -301,6 +301,20 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
+def _scan_args(p: argparse.ArgumentParser) -> None:
+    from bd4nn.scan import add_arguments
+
+    add_arguments(p)
+
+
+@command("scan", "run localizers on your own model (safetensors; no label): flagged neurons per layer, "
+                 "agreement, NC's verdict", _scan_args)
+def _scan(args: argparse.Namespace) -> int:
+    from bd4nn.scan import run
+
+    return run(args)
+
+
 def _verify_args(p: argparse.ArgumentParser) -> None:
     _db_args(p)
     p.add_argument("--remeasure", type=number(int, 0), default=0, metavar="N",
@@ -421,6 +435,20 @@ def _bench(args: argparse.Namespace) -> int:
     return rc
 
 
+def _compare_args(p: argparse.ArgumentParser) -> None:
+    from reports.compare import add_arguments
+
+    add_arguments(p)
+
+
+@command("compare", "compare two results files entry by entry: per localizer and level, B - A with a bootstrap "
+                    "confidence interval and the Wilcoxon p (python -m reports.compare)", _compare_args)
+def _compare(args: argparse.Namespace) -> int:
+    from reports.compare import run
+
+    return run(args)
+
+
 def _baseline_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("action", choices=["save", "diff"],
                    help="save: keep a results file as the baseline; diff: what changed between two files")
@@ -477,7 +505,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 BUILD_THREADS_HELP = ("torch CPU threads per build process (default 1, so that the entries do not depend on the "
                       "core count; use --workers for more cores)")
-PASS_THROUGH = ("bench", "report")  # commands without --threads (pytest's own option / no torch)
+PASS_THROUGH = ("bench", "report", "compare")  # commands without --threads (pytest's own option / no torch)
 
 
 def build_parser() -> argparse.ArgumentParser:

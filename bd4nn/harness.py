@@ -32,8 +32,10 @@ from bd4nn.metrics import (auroc, average_precision, flatten_scores, hits, selec
 from bd4nn.neurons import NeuronMap
 from bd4nn.repair import FinetuneSettings, RepairResult, repair
 from bd4nn.runtime import place
+from bd4nn.train import evaluate_asr
 
-__all__ = ["EntryContext", "Localization", "load_context", "localize", "repair_case", "make_localizer"]
+__all__ = ["EntryContext", "BenignContext", "Localization", "load_context", "load_benign_context", "localize",
+           "timed_scores", "benign_localization", "trigger_asr_on_parent", "repair_case", "make_localizer"]
 
 
 @dataclass
@@ -124,7 +126,8 @@ class Localization:
     def metrics(self) -> dict[str, Any]:
         return {"wji": self.wji, "hits": self.hits, "n_fault": self.n_fault, "n_localized": self.n_localized,
                 "auroc": _finite_or_none(self.auroc), "ap": _finite_or_none(self.ap), "time_s": self.time_s,
-                "tied_layers": len(self.tied), **({"details": self.details} if self.details else {})}
+                "tied_layers": len(self.tied), **_summary_fields(self.scores),
+                **({"details": self.details} if self.details else {})}
 
     def by_layer(self, fault: Mapping[str, list[int]]) -> list[tuple[str, list[int], list[int], int]]:
         """Per fault layer in the localizer's scope: (layer, top-k localized, fault, hits)."""
@@ -142,6 +145,28 @@ def _finite_or_none(v: float) -> float | None:
     return v if isinstance(v, (int, float)) and math.isfinite(v) else None
 
 
+def _summary_fields(scores: Mapping[str, torch.Tensor]) -> dict[str, float | None]:
+    """``score_max_z``, ``score_p99_z``, ``score_max``: the model-level summary of a localizer's
+    scores (``localizers.base.score_summary``) that the detection AUROC compares between
+    infected entries and benign parents."""
+    from localizers.base import score_summary
+
+    return {f"score_{k}": _finite_or_none(v) for k, v in score_summary(scores).items()}
+
+
+def timed_scores(localizer, model: nn.Module, neuron_map: NeuronMap, clean, device: torch.device, *,
+                 seed: int = 0) -> tuple[dict[str, torch.Tensor], float]:
+    """A localizer's scores and the wall-clock seconds they took, the device synchronized on
+    both sides (loading excluded): the time every case reports."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    scores = localizer(model, neuron_map, clean, device=device, seed=seed)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return scores, time.perf_counter() - t0
+
+
 def localize(ctx: EntryContext, localizer, *, seed: int = 0) -> Localization:
     """Score the entry's neurons, take the top-k per covered layer, compare with the truth.
 
@@ -150,14 +175,7 @@ def localize(ctx: EntryContext, localizer, *, seed: int = 0) -> Localization:
     synchronized, loading excluded.
     """
     label = ctx.label
-    clean = ctx.clean()
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize(ctx.device)
-    t0 = time.perf_counter()
-    scores = localizer(ctx.model, ctx.neuron_map, clean, device=ctx.device, seed=seed)
-    if ctx.device.type == "cuda":
-        torch.cuda.synchronize(ctx.device)
-    seconds = time.perf_counter() - t0
+    scores, seconds = timed_scores(localizer, ctx.model, ctx.neuron_map, ctx.clean(), ctx.device, seed=seed)
     fault = label.s_fault
     sel = top_k_selection(scores, fault, seed=seed)
     flat, labels = flatten_scores(scores, fault)
@@ -169,6 +187,58 @@ def localize(ctx: EntryContext, localizer, *, seed: int = 0) -> Localization:
         tied=tied_layers(scores, fault),
         details=localizer.report(),
     )
+
+
+@dataclass
+class BenignContext:
+    """A benign parent as a control case needs it: no label, no trigger, no ground truth."""
+
+    dataset: str
+    arch: str
+    model: nn.Module
+    neuron_map: NeuronMap
+    clean_x: torch.Tensor
+    clean_y: torch.Tensor
+    num_classes: int
+    device: torch.device
+
+    @property
+    def id(self) -> str:
+        return f"benign-{self.dataset}-{self.arch}"
+
+    def clean(self):
+        from localizers import CleanData
+
+        return CleanData(self.clean_x, self.clean_y, self.num_classes)
+
+
+def load_benign_context(db: Database, dataset: str, arch: str, *, device: torch.device | str = "cpu",
+                        data: Mapping[str, ImageData] | None = None, data_root: str | None = None,
+                        clean_fraction: float = 0.05, clean_images: int | None = None,
+                        clean_seed: int = 0) -> BenignContext:
+    """The benign parent of (dataset, arch) with the same clean data its entries' cases get."""
+    dev = torch.device(device)
+    model, record = db.load_benign(dataset, arch)
+    ds = (data or {}).get(dataset) or load_dataset(dataset, data_root, progress=False)
+    cx, cy = defender_data(ds, clean_fraction, clean_seed, images=clean_images)
+    model = place(model, dev).eval()
+    return BenignContext(dataset, arch, model, NeuronMap(model), cx, cy, record.num_classes, dev)
+
+
+def benign_localization(ctx: BenignContext, localizer, *, seed: int = 0) -> dict[str, Any]:
+    """A localizer on a benign parent (a control: nothing to score against): its time, the
+    summary of its scores (``score_max_z``, ...) and its report."""
+    if localizer.needs_ground_truth:
+        raise BadInputError(f"{localizer.name} reads the ground truth, which a benign model does not have")
+    scores, seconds = timed_scores(localizer, ctx.model, ctx.neuron_map, ctx.clean(), ctx.device, seed=seed)
+    details = localizer.report()
+    return {"time_s": seconds, **_summary_fields(scores), **({"details": details} if details else {})}
+
+
+def trigger_asr_on_parent(ctx: EntryContext, parent: nn.Module) -> float:
+    """The entry's trigger on its benign parent: the ASR a model never trained on it already has
+    (a natural-backdoor baseline), on the test subset the label's ASR was measured on."""
+    return evaluate_asr(parent, ctx.test_x, ctx.test_y, ctx.trigger, ctx.label.target, device=ctx.device)
 
 
 def repair_case(ctx: EntryContext, selection: Mapping[str, list[int]], method: str, *, seed: int = 0,

@@ -2,7 +2,8 @@
 
 Case ids read like the database: ``clp-cifar10-vgg13-badnets-narrow-00`` for a localization,
 ``clp-prune-cifar10-vgg13-badnets-narrow-00`` for a repair, ``cifar10-vgg13-badnets-narrow-00``
-for a database re-measurement, so ``-k clp`` or ``-k "vgg13 and narrow"`` select as expected.
+for a database re-measurement, ``clp-benign-cifar10-vgg13`` for a localizer on a benign parent,
+so ``-k clp``, ``-k benign`` or ``-k "vgg13 and narrow"`` select as expected.
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     if s is None:
         return
     names = set(metafunc.fixturenames)
-    if {"localizer_name", "entry_id", "repair_name"} <= names:
+    if {"localizer_name", "parent_id"} <= names:  # controls: localizers on the benign parents
+        cases = [(loc, par) for par in s.parents for loc in s.control_localizers]
+        metafunc.parametrize("localizer_name,parent_id", cases, ids=[f"{loc}-benign-{par}" for loc, par in cases])
+    elif {"localizer_name", "entry_id", "repair_name"} <= names:
         cases = [(loc, rep, e) for e in s.entry_ids for loc in s.localizers for rep in s.repairs]
         metafunc.parametrize("localizer_name,repair_name,entry_id", cases,
                              ids=[f"{loc}-{rep}-{e}" for loc, rep, e in cases])

@@ -167,6 +167,43 @@ class BenchSession:
             self._contexts[entry_id] = ctx
         return ctx
 
+    @property
+    def parents(self) -> list[str]:
+        """``<dataset>-<arch>`` of every benign parent the selected entries have (control cases)."""
+        out = []
+        for e in self.entry_ids:
+            line = self.db.entry(e)
+            key = f"{line['dataset']}-{line['arch']}"
+            if key not in out:
+                out.append(key)
+        return out
+
+    @property
+    def control_localizers(self) -> list[str]:
+        """The selected localizers that can run without a ground truth (not PFL)."""
+        from localizers import localizer_class  # noqa: PLC0415
+
+        return [n for n in self.localizers if not localizer_class(n).needs_ground_truth]
+
+    def benign_context(self, parent: str):
+        """The benign parent ``<dataset>-<arch>`` with its clean data, loaded once per worker."""
+        from bd4nn.data import load_dataset  # noqa: PLC0415
+        from bd4nn.harness import load_benign_context  # noqa: PLC0415
+
+        key = f"benign-{parent}"
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            dataset, arch = parent.split("-", 1)
+            if dataset not in self._data:
+                self._data[dataset] = load_dataset(dataset, data_root(), progress=False)
+            b = self.profile.bench if self.profile else {}
+            ctx = load_benign_context(self.db, dataset, arch, device=self.device, data=self._data,
+                                      clean_fraction=b.get("clean_fraction", 0.05), clean_images=b.get("clean_images"))
+            if len(self._contexts) >= 4:
+                self._contexts.pop(next(iter(self._contexts)))
+            self._contexts[key] = ctx
+        return ctx
+
     def localizer(self, name: str, label):
         from bd4nn.harness import make_localizer  # noqa: PLC0415
 

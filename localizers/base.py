@@ -52,7 +52,51 @@ __all__ = [
     "localizer_class",
     "ENTRY_POINT_GROUP",
     "LOCALIZERS",
+    "standardize_per_layer",
+    "outliers",
+    "score_summary",
 ]
+
+def standardize_per_layer(values: torch.Tensor) -> torch.Tensor:
+    """``(v − mean) / std`` with the unbiased std; all zeros where std is 0 or undefined."""
+    v = values.double()
+    if v.numel() < 2:
+        return torch.zeros_like(values, dtype=torch.float32)
+    mu, sd = v.mean(), v.std()
+    if not torch.isfinite(sd) or sd <= 0:
+        return torch.zeros_like(values, dtype=torch.float32)
+    return ((v - mu) / sd).float()
+
+
+def outliers(scores: Mapping[str, torch.Tensor], u: float) -> dict[str, list[int]]:
+    """Per layer, the channels whose score exceeds the layer's mean by more than ``u`` unbiased
+    standard deviations (CLP's rule; ``bd4nn scan``'s flags); a layer with no spread or one
+    channel has none. ``{layer: sorted channels}`` without empty layers."""
+    out: dict[str, list[int]] = {}
+    for layer, s in scores.items():
+        v = torch.as_tensor(s).detach().double().reshape(-1)
+        if v.numel() < 2:
+            continue
+        mu, sd = v.mean(), v.std()
+        if not bool(torch.isfinite(sd)) or float(sd) <= 0:
+            continue
+        idx = torch.nonzero(v > mu + float(u) * sd).reshape(-1).tolist()
+        if idx:
+            out[layer] = sorted(int(i) for i in idx)
+    return out
+
+
+def score_summary(scores: Mapping[str, torch.Tensor]) -> dict[str, float]:
+    """How suspicious a model looks to a localizer as a whole, from its per-layer scores: the
+    largest per-layer standardized score (``max_z``, the statistic of a model-level detection:
+    a backdoor shows as a few neurons far above their layer), the 99th percentile of the
+    standardized scores (``p99_z``) and the raw maximum (``max``). Layers with fewer than two
+    neurons or no spread contribute z = 0."""
+    z = torch.cat([standardize_per_layer(v.detach().float().cpu().reshape(-1)) for v in scores.values()]) \
+        if scores else torch.zeros(1)
+    raw = torch.cat([v.detach().float().cpu().reshape(-1) for v in scores.values()]) if scores else torch.zeros(1)
+    return {"max_z": float(z.max()), "p99_z": float(torch.quantile(z.double(), 0.99)), "max": float(raw.max())}
+
 
 SCOPES = ("all", "penultimate")
 ENTRY_POINT_GROUP = "bd4nn.localizers"

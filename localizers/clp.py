@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import torch
 
-from localizers.base import Localizer, register_localizer
+from localizers.base import Localizer, outliers, register_localizer, standardize_per_layer
 
 __all__ = ["CLP", "uclc", "standardize_per_layer"]
 
@@ -69,17 +69,6 @@ def uclc(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, device: torch.device |
         sigma = torch.ones(c_out, device=dev, dtype=w.dtype)
     folded = w * (gamma / sigma).abs().view(-1, 1, 1)
     return torch.linalg.matrix_norm(folded, ord=2).float()
-
-
-def standardize_per_layer(values: torch.Tensor) -> torch.Tensor:
-    """``(v − mean) / std`` with the unbiased std; all zeros where std is 0 or undefined."""
-    v = values.double()
-    if v.numel() < 2:
-        return torch.zeros_like(values, dtype=torch.float32)
-    mu, sd = v.mean(), v.std()
-    if not torch.isfinite(sd) or sd <= 0:
-        return torch.zeros_like(values, dtype=torch.float32)
-    return ((v - mu) / sd).float()
 
 
 @register_localizer
@@ -110,16 +99,4 @@ class CLP(Localizer):
         std; a layer with ``s = 0`` (or one channel) has no suspicious channel. Returns a
         selection ``{layer: sorted channels}`` without empty layers.
         """
-        u = float(self.settings.u)
-        out: dict[str, list[int]] = {}
-        for layer, s in scores.items():
-            v = torch.as_tensor(s).detach().double().reshape(-1)
-            if v.numel() < 2:
-                continue
-            mu, sd = v.mean(), v.std()
-            if not torch.isfinite(sd) or sd <= 0:
-                continue
-            idx = torch.nonzero(v > mu + u * sd).reshape(-1).tolist()
-            if idx:
-                out[layer] = sorted(int(i) for i in idx)
-        return out
+        return outliers(scores, float(self.settings.u))

@@ -6,6 +6,12 @@ the standalone entry point. A results file that is missing, empty or corrupt is 
 
 ``--format html`` makes one self-contained page (``reports.html``): tables, sources and plots
 inline; printed, or with ``--out DIR`` written to ``DIR/report.html`` (and nothing else).
+
+Statistics (``reports.stats``): ``--ci`` adds a seeded 95 % bootstrap confidence interval to
+every mean of Tables III, V and VI ("0.470 [0.410, 0.530]"; csv: "<column> lo" and
+"<column> hi" columns), ``--seed`` and ``--resamples`` set its seed (0) and resamples (10,000);
+``--pairs`` appends the "Paired tests" table (Wilcoxon signed-rank test of every pair of
+localizers on WJI; ``DIR/pairs.<ext>`` with ``--out``). Without them the output is unchanged.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from . import html as html_report
 from .figures import plots
 from .formats import FORMATS, render, write_tables
 from .results import ResultsError, load
+from .stats import RESAMPLES, SEED, add_ci, pairs_table  # scipy is imported only when they run
 from .tables import TABLE_KEYS, build_tables
 
 __all__ = ["add_arguments", "run", "main", "parse_tables"]
@@ -35,12 +42,14 @@ examples:
   python -m reports run1.jsonl run2.jsonl --tables III,IV --format latex
   python -m reports results.jsonl --out report/ --format csv      # files + PNG plots
   python -m reports results.jsonl --out report/ --format html     # one report.html
+  python -m reports results.jsonl --tables III,V --ci --pairs     # 95 % CIs and paired tests
 With --format html, every table, the sources and the plots (embedded) go into one self-contained
 page, report/report.html (no JavaScript, no external files), or to stdout without --out."""
 
 
 def parse_tables(text: str) -> list[str]:
-    """``"I,iii,counts"`` -> ``["I", "III", "counts"]`` (``all`` = every table), in paper order."""
+    """``"I,iii,counts"`` -> ``["I", "III", "counts"]`` (``all`` = every table), in paper order;
+    ``detection`` and ``counts`` by name."""
     wanted = set()
     for part in (p.strip() for p in text.split(",")):
         if not part:
@@ -48,7 +57,7 @@ def parse_tables(text: str) -> list[str]:
         if part.lower() == "all":
             wanted.update(TABLE_KEYS)
             continue
-        key = part.lower() if part.lower() == "counts" else part.upper()
+        key = part.lower() if part.lower() in ("counts", "detection") else part.upper()
         if key not in TABLE_KEYS:
             raise argparse.ArgumentTypeError(f"unknown table {part!r} (choose from {', '.join(TABLE_KEYS)}, all)")
         wanted.add(key)
@@ -84,6 +93,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attack", type=_names, action="extend", metavar="NAME[,NAME]",
                    help="only these attacks (repeatable)")
     p.add_argument("--show-n", action="store_true", help="show each cell's number of cases")
+    p.add_argument("--ci", action="store_true",
+                   help="add a 95%% bootstrap confidence interval (percentile, over entries) to every mean of "
+                        "Tables III, V and VI: '0.470 [0.410, 0.530]'; csv: '<column> lo', '<column> hi' columns")
+    p.add_argument("--pairs", action="store_true",
+                   help="append the paired-tests table: for every pair of localizers, the Wilcoxon signed-rank "
+                        "test of their WJI on the same entries (n, median difference, W, p, Holm-adjusted p)")
+    p.add_argument("--seed", type=int, default=SEED, help=f"seed of the --ci bootstrap (default {SEED})")
+    p.add_argument("--resamples", type=_positive, default=RESAMPLES, metavar="N",
+                   help=f"resamples of the --ci bootstrap (default {RESAMPLES})")
+
+
+def _positive(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, not {text!r}")
+    return n
 
 
 def _filtered(results, name: str, wanted: list[str] | None):
@@ -106,6 +134,10 @@ def run(args: argparse.Namespace) -> int:
     results = _filtered(results, "attack", args.attack)
     tables = build_tables(results)
     chosen = [tables[k] for k in args.tables]
+    if getattr(args, "ci", False):
+        add_ci(chosen, seed=getattr(args, "seed", SEED), resamples=getattr(args, "resamples", RESAMPLES))
+    if getattr(args, "pairs", False):
+        chosen.append(pairs_table(results))
 
     fmt = args.format
     if fmt == "html":
@@ -148,15 +180,21 @@ def _run_html(args: argparse.Namespace, results, chosen) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m reports", description=DESCRIPTION, epilog=EPILOG,
+def standalone(prog: str, description: str, epilog: str, add_args, run_args, argv: list[str] | None) -> int:
+    """A ``python -m`` entry point: parse ``argv`` with ``add_args``, call ``run_args``, and report a
+    results error in one line (exit status 2; a traceback with ``BD4NN_DEBUG=1``)."""
+    parser = argparse.ArgumentParser(prog=prog, description=description, epilog=epilog,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
+    add_args(parser)
     args = parser.parse_args(argv)
     try:
-        return run(args)
+        return run_args(args)
     except (ValueError, OSError) as exc:  # ResultsError is a ValueError
         if os.environ.get("BD4NN_DEBUG"):
             raise
-        print(f"reports: error: {exc}", file=sys.stderr)
+        print(f"{prog.split()[-1]}: error: {exc}", file=sys.stderr)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    return standalone("python -m reports", DESCRIPTION, EPILOG, add_arguments, run, argv)

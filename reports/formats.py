@@ -13,6 +13,13 @@
 
 In md, latex and html a row key equal to the one above is left blank, so groups read as blocks.
 ``show_n=True`` adds each cell's n: "0.300 (2)" in md/latex/html, an "<column> n" column in csv.
+
+Confidence intervals (``reports.stats.add_ci``, ``python -m reports --ci``): a cell that has one
+prints it after its value, "0.470 [0.410, 0.530]" (then " (n)" with ``show_n``) in md, latex
+and html; in csv every column flagged ``Column.ci`` is followed by "<column> lo" and
+"<column> hi" columns (unrounded, printed unit; empty where the cell has no interval), before
+its "<column> n" column. A table's ``notes`` follow it in md (an italic paragraph each), latex
+(footnote-size paragraphs inside the float) and html; csv stays the bare table.
 """
 
 from __future__ import annotations
@@ -55,9 +62,17 @@ def _key_rows(table: Table) -> list[list[str]]:
     return out
 
 
+def _cell_text(c, show_n: bool) -> str:
+    """"0.470", "0.470 [0.410, 0.530]", "0.470 [0.410, 0.530] (12)", "0.470 (12)" or "—"."""
+    text = c.text()
+    if c.value is None:
+        return text
+    ci = c.ci_text()
+    return text + (f" {ci}" if ci else "") + (f" ({c.n})" if show_n else "")
+
+
 def _cell_texts(table: Table, show_n: bool) -> list[list[str]]:
-    return [[c.text() + (f" ({c.n})" if show_n and c.value is not None else "") for c in row.cells]
-            for row in table.rows]
+    return [[_cell_text(c, show_n) for c in row.cells] for row in table.rows]
 
 
 def _md(table: Table, provenance: bool, show_n: bool) -> str:
@@ -71,6 +86,9 @@ def _md(table: Table, provenance: bool, show_n: bool) -> str:
         lines.append(tabulate(body, headers=headers, tablefmt="pipe", colalign=align, disable_numparse=True))
     else:
         lines.append(f"_{table.empty_note}_")
+    if table.notes:
+        for note in table.notes:
+            lines += ["", f"_{note}_"]
     if provenance and table.sources:
         lines += ["", "_Source: " + "; ".join(table.sources) + "_"]
     return "\n".join(lines) + "\n"
@@ -106,7 +124,11 @@ def _latex(table: Table, provenance: bool, show_n: bool) -> str:
             lines.append(" & ".join(latex_escape(x) for x in keys + vals) + r" \\")
     else:
         lines.append(rf"\multicolumn{{{nk + len(cols)}}}{{c}}{{{latex_escape(table.empty_note)}}} \\")
-    lines += [r"\bottomrule", r"\end{tabular}", r"\end{table}"]
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if table.notes:
+        notes = "".join(latex_escape(n) + r"\par " for n in table.notes).rstrip()
+        lines += [r"\par\smallskip", r"{\footnotesize " + notes + "}"]
+    lines.append(r"\end{table}")
     if provenance:
         lines += [f"% source: {s}" for s in table.sources]
     return "\n".join(lines) + "\n"
@@ -117,13 +139,20 @@ def _csv(table: Table, show_n: bool) -> str:
     w = csv.writer(buf, lineterminator="\n")
     header = list(table.key_headers)
     for c in table.columns:
-        header += [c.name, f"{c.name} n"] if show_n else [c.name]
+        header += [c.name] + ([f"{c.name} lo", f"{c.name} hi"] if c.ci else [])
+        header += [f"{c.name} n"] if show_n else []
     w.writerow(header)
+
+    def number(x: float | None, kind: str) -> str:
+        return "" if x is None else str(round(x)) if kind == "int" else format(x, ".15g")
+
     for row in table.rows:
         out = list(row.keys)
-        for c in row.cells:
-            x = c.number
-            out.append("" if x is None else str(round(x)) if c.kind == "int" else format(x, ".15g"))
+        for col, c in zip(table.columns, row.cells):
+            out.append(number(c.number, c.kind))
+            if col.ci:
+                b = c.bounds
+                out += ["", ""] if b is None else [number(b[0], c.kind), number(b[1], c.kind)]
             if show_n:
                 out.append(str(c.n))
         w.writerow(out)

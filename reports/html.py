@@ -7,7 +7,8 @@
   ``reports.figures`` (when matplotlib is installed; otherwise the page says plots need it).
 - ``write_report(results, tables, out_dir)``: writes ``out_dir/report.html``.
 
-Cells and row keys are those of the other formats (``formats._cell_texts``, ``_key_rows``);
+Cells and row keys are those of the other formats (``formats._cell_texts``, ``_key_rows``:
+confidence intervals included when the cells have them); a table's notes follow it;
 grouped columns get a header cell spanning their group. Inline CSS only: no JavaScript and no
 external URL (a Content-Security-Policy says so to the browser too). Every text is escaped
 with ``html.escape``.
@@ -103,7 +104,9 @@ def table_section(table: Table, *, show_n: bool = False) -> str:
     else:
         width = len(table.key_headers) + len(table.columns)
         lines.append(f'<tr><td class="note" colspan="{width}">{escape(table.empty_note)}</td></tr>')
-    lines += ["</tbody>", "</table>", "</section>"]
+    lines += ["</tbody>", "</table>"]
+    lines += [f'<p class="note">{escape(note)}</p>' for note in table.notes]
+    lines.append("</section>")
     return "\n".join(lines)
 
 

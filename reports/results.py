@@ -119,7 +119,8 @@ class Directory:
 
 @dataclass(frozen=True)
 class Case:
-    """One benchmark case (localization, repair or database sanity) and its metrics."""
+    """One benchmark case (localization, repair, database sanity, or a benign control: ``benign``,
+    ``benign_trigger``) and its metrics."""
 
     case: str | None = _f("str")
     nodeid: str | None = _f("str")
@@ -147,6 +148,8 @@ class Case:
     asr_after: float | None = _f("num")
     cad: float | None = _f("num")
     asrd: float | None = _f("num")
+    score_max_z: float | None = _f("num")  # the summary of a localizer's scores (detection AUROC)
+    benign_asr: float | None = _f("num")  # the entry's trigger on its benign parent
     source: str = ""
     line: int = 0
 

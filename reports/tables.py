@@ -3,7 +3,14 @@
 Every cell is a mean over cases (``Cell.value``, ``Cell.n``); skipped cases and null metrics do
 not count, and a cell without data has ``value is None`` (printed "—", never 0). How a value is
 printed is the cell's ``kind``: ``pct`` (a fraction shown as a percentage, one decimal),
-``fixed3`` (three decimals), ``sig3`` (three significant figures), ``int``.
+``fixed3`` (three decimals), ``sig3`` (three significant figures), ``int``, ``g`` (up to six
+significant figures, e.g. a rank sum "10.5") and ``p`` (a p-value: three significant figures,
+below 0.001 as "1.23e-05").
+
+The cells of tables III, V and VI (means of WJI, CAD, ASRD) keep the values they average and
+the entry each came from (``Cell.values``, ``Cell.entries``), so that ``reports.stats.add_ci``
+can give them a bootstrap confidence interval (``Cell.lo``, ``Cell.hi``) on request; a cell
+prints its interval only once it has one, and ``Cell`` equality ignores the kept values.
 """
 
 from __future__ import annotations
@@ -14,26 +21,43 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from .names import ARCHS, ATTACKS, DATASETS, LEVELS, METHODS, display, ordered
+from .controls import benign_asr_by_model, detection_table
 from .results import Case, Results
 
 __all__ = ["Cell", "Column", "Row", "Table", "TABLE_KEYS", "build_tables"]
 
-TABLE_KEYS = ("I", "II", "III", "IV", "V", "VI", "counts")
+TABLE_KEYS = ("I", "II", "III", "IV", "V", "VI", "detection", "counts")
 EMPTY = "—"
 
 
 @dataclass(frozen=True)
 class Cell:
-    """A mean over ``n`` values (``value`` None when n == 0) and how to print it."""
+    """A mean over ``n`` values (``value`` None when n == 0) and how to print it.
+
+    ``lo``/``hi``: a confidence interval of ``value`` (same unit), None unless one was computed
+    (``reports.stats.add_ci``). ``values``/``entries``: the values averaged and the entry key of
+    each (empty when not kept); not part of equality.
+    """
 
     value: float | None
     n: int
     kind: str = "fixed3"
+    lo: float | None = None
+    hi: float | None = None
+    values: tuple[float, ...] = field(default=(), compare=False, repr=False)
+    entries: tuple = field(default=(), compare=False, repr=False)
 
     @classmethod
-    def mean(cls, values: Iterable[float | None], kind: str) -> Cell:
-        xs = [v for v in values if v is not None]
-        return cls(sum(xs) / len(xs) if xs else None, len(xs), kind)
+    def mean(cls, values: Iterable[float | None], kind: str, entries: Iterable[object] | None = None) -> Cell:
+        """The mean of the non-None ``values``; with ``entries`` (one key per value) the cell
+        keeps both, for a bootstrap CI over entries later."""
+        if entries is None:
+            xs = [v for v in values if v is not None]
+            return cls(sum(xs) / len(xs) if xs else None, len(xs), kind)
+        pairs = [(v, e) for v, e in zip(values, entries, strict=True) if v is not None]
+        xs = [v for v, _ in pairs]
+        return cls(sum(xs) / len(xs) if xs else None, len(xs), kind,
+                   values=tuple(xs), entries=tuple(e for _, e in pairs))
 
     @property
     def number(self) -> float | None:
@@ -42,20 +66,40 @@ class Cell:
             return None
         return self.value * 100.0 if self.kind == "pct" else self.value
 
+    @property
+    def bounds(self) -> tuple[float, float] | None:
+        """The confidence interval in the printed unit (percent for ``pct``), or None."""
+        if self.lo is None or self.hi is None:
+            return None
+        scale = 100.0 if self.kind == "pct" else 1.0
+        return self.lo * scale, self.hi * scale
+
     def text(self) -> str:
         """The printed form: "93.4", "0.300", "1.23", "12", or "—" without data."""
         x = self.number
-        if x is None:
-            return EMPTY
-        if self.kind == "pct":
-            s = f"{x:.1f}"
-        elif self.kind == "sig3":
-            s = _sig3(x)
-        elif self.kind == "int":
-            s = str(round(x))
-        else:
-            s = f"{x:.3f}"
-        return s[1:] if s.startswith("-") and not s.strip("-0.") else s  # no "-0.0"
+        return EMPTY if x is None else _format(x, self.kind)
+
+    def ci_text(self) -> str:
+        """The interval as printed after the value, "[0.410, 0.530]"; "" without one."""
+        b = self.bounds
+        return "" if b is None else f"[{_format(b[0], self.kind)}, {_format(b[1], self.kind)}]"
+
+
+def _format(x: float, kind: str) -> str:
+    """``x`` (in the printed unit) as a cell of ``kind`` prints it."""
+    if kind == "pct":
+        s = f"{x:.1f}"
+    elif kind == "sig3":
+        s = _sig3(x)
+    elif kind == "int":
+        s = str(round(x))
+    elif kind == "g":
+        s = f"{x:.6g}"
+    elif kind == "p":
+        s = _sig3(x) if x >= 1e-3 or x == 0 else f"{x:.2e}"
+    else:
+        s = f"{x:.3f}"
+    return s[1:] if s.startswith("-") and not s.strip("-0.") else s  # no "-0.0"
 
 
 def _sig3(x: float) -> str:
@@ -72,6 +116,7 @@ class Column:
 
     label: str
     group: str | None = None
+    ci: bool = False  # its cells carry confidence intervals (csv: "<name> lo", "<name> hi" columns)
 
     @property
     def name(self) -> str:
@@ -95,15 +140,19 @@ class Table:
     rows: list[Row] = field(default_factory=list)
     sources: list[str] = field(default_factory=list)
     empty_note: str = "no data"
+    notes: list[str] = field(default_factory=list)  # printed under the table (not in csv)
 
     @property
     def label(self) -> str:
-        return "Counts" if self.key == "counts" else f"Table {self.key}"
+        """"Table III" for a numbered table, else a name ("Counts", "Paired tests")."""
+        if self.key in _ROMAN:
+            return f"Table {self.key}"
+        return _LABELS.get(self.key, self.key.capitalize())
 
     @property
     def file_stem(self) -> str:
-        """``table3`` for Table III, ``counts`` for the counts table."""
-        return "counts" if self.key == "counts" else f"table{_ROMAN[self.key]}"
+        """``table3`` for Table III, else the key (``counts``, ``pairs``)."""
+        return f"table{_ROMAN[self.key]}" if self.key in _ROMAN else self.key.lower()
 
     def cell(self, row: str | tuple[str, ...], column: str, group: str | None = None) -> Cell:
         """The cell at row keys ``row`` (display names) and the column ``label`` (in ``group``)."""
@@ -117,12 +166,14 @@ class Table:
         raise KeyError(f"{self.label} has no row {keys!r}")
 
 
-_ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6}
+_ROMAN = {"I": 1, "II": 2, "III": 3, "IV": 4, "V": 5, "VI": 6, "VII": 7, "VIII": 8, "IX": 9, "X": 10}
+_LABELS = {"counts": "Counts", "pairs": "Paired tests", "compare": "Comparison", "detection": "Detection"}
 
 TITLES = {
     "I": "Clean accuracy (CA, %) of the infected entries per dataset, architecture and level; "
          "benign = CA of the benign parent model",
-    "II": "Attack success rate (ASR, %) of the infected entries per dataset, architecture and level",
+    "II": "Attack success rate (ASR, %) of the infected entries per dataset, architecture and level; "
+          "benign = ASR of the same triggers on the benign parent model (natural backdoors)",
     "III": "Localization: mean WJI per method, architecture and level",
     "IV": "Localization time: mean seconds per model, per method and architecture",
     "V": "Repair by neuron pruning: CAD and ASRD (%) per method, architecture and level",
@@ -155,15 +206,23 @@ def _entry_values(results: Results, metric: str) -> list[Case]:
 ALL = object()  # the "mean" bucket: all archs or all levels
 
 
-def _collect(cases: Iterable[Case], metric: str, keys: Callable[[Case], Iterable[tuple]]) -> dict[tuple, list[float]]:
-    """The non-null ``metric`` values of ``cases`` in every bucket ``keys(case)`` names."""
-    out: dict[tuple, list[float]] = defaultdict(list)
+def _collect(cases: Iterable[Case], metric: str, keys: Callable[[Case], Iterable[tuple]], *,
+             entries: bool = False) -> dict[tuple, list]:
+    """The non-null ``metric`` values of ``cases`` in every bucket ``keys(case)`` names; with
+    ``entries``, (value, entry key) pairs."""
+    out: dict[tuple, list] = defaultdict(list)
     for c in cases:
         v = getattr(c, metric)
         if v is not None:
             for k in keys(c):
-                out[k].append(v)
+                out[k].append((v, c.entry_key) if entries else v)
     return out
+
+
+def _entry_mean(pairs: Iterable[tuple[float, object]], kind: str) -> Cell:
+    """The mean cell of (value, entry key) pairs, keeping both (for a CI over entries)."""
+    pairs = list(pairs)
+    return Cell.mean([v for v, _ in pairs], kind, [e for _, e in pairs])
 
 
 def _grouped(cases: list[Case], row_of: Callable[[Case], tuple], rows: list[tuple], archs: list[str],
@@ -173,9 +232,9 @@ def _grouped(cases: list[Case], row_of: Callable[[Case], tuple], rows: list[tupl
         r = row_of(c)
         return [(r, c.arch, c.level), (r, c.arch, ALL), (r, ALL, ALL)]
 
-    b = _collect(cases, metric, keys)
+    b = _collect(cases, metric, keys, entries=True)
     cols = [(a, lv) for a in archs for lv in [*levels, ALL]] + [(ALL, ALL)]
-    return [[Cell.mean(b.get((r, a, lv), ()), kind) for a, lv in cols] for r in rows]
+    return [[_entry_mean(b.get((r, a, lv), ()), kind) for a, lv in cols] for r in rows]
 
 
 def _arch_level_columns(archs: list[str], levels: list[str]) -> list[Column]:
@@ -219,6 +278,8 @@ def _entry_table(results: Results, key: str, metric: str, title: str) -> Table:
     if metric == "ca":  # the benign parent's CA: from directory lines, else from the entries' cases
         benign_of = _collect(_entry_values(results, "benign_ca"), "benign_ca", lambda c: [(c.dataset, c.arch)])
         benign_of.update(_collect(results.directories, "benign_ca", lambda d: [(d.dataset, d.arch)]))
+    else:  # the triggers on the benign parent (bench/test_benign.py)
+        benign_of = benign_asr_by_model(results)
     benign = bool(benign_of)
     columns = [Column(display(lv, LEVELS)) for lv in levels] + [Column("mean")]
     if benign:
@@ -305,7 +366,9 @@ def _counts_table(results: Results) -> Table:
 
 
 def build_tables(results: Results) -> dict[str, Table]:
-    """All tables, in order "I", "II", "III", "IV", "V", "VI", "counts" (empty ones included).
+    """All tables, in order "I", "II", "III", "IV", "V", "VI", "detection", "counts" (empty ones
+    included; "detection" and Table II's "benign" column come from the benign controls,
+    ``reports.controls``).
 
     With several datasets in ``results``, tables III–VI put the dataset first in each row.
     """
@@ -317,6 +380,7 @@ def build_tables(results: Results) -> dict[str, Table]:
         "IV": _time_table(results, multi),
         "V": _repair_table(results, "V", "prune", TITLES["V"], multi),
         "VI": _repair_table(results, "VI", "finetune", TITLES["VI"], multi),
+        "detection": detection_table(results),
         "counts": _counts_table(results),
     }
     sources = results.provenance()

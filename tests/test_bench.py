@@ -90,6 +90,20 @@ def test_serial_and_xdist_runs_record_the_same_wji(tmp_path, data_dir):
     r = _pytest(["--db", str(db), "-k", "clp", "--results", str(only)], env)
     assert r.returncode == 0
     assert {n.split("[")[1].split("-")[0] for n in _wji(only)} == {"clp"}
+    # benign controls: CLP on the benign parent, each trigger on it; the reports' detection table
+    ctl = tmp_path / "controls.jsonl"
+    r = _pytest(["--db", str(db), "-k", "(clp or benign_trigger) and not prune and not finetune",
+                 "--results", str(ctl)], env, "bench")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(x) for x in ctl.read_text().splitlines()]
+    benign = [d for d in rows if d.get("case") == "benign"]
+    assert [(d["localizer"], d["entry"]) for d in benign] == [("clp", "benign-cifar10-vgg13")]
+    assert all(d["score_max_z"] is not None for d in rows if d.get("case") in ("benign", "localization"))
+    triggers = [d for d in rows if d.get("case") == "benign_trigger"]
+    assert len(triggers) == sum(bool(ln["kept"]) for ln in index.values()) and all(0 <= d["benign_asr"] <= 1 for d in triggers)
+    rep = subprocess.run([sys.executable, "-m", "reports", str(ctl), "--tables", "II,detection"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0 and "| CLP " in rep.stdout and "benign" in rep.stdout, rep.stdout + rep.stderr
     # a repair whose ASRD falls by more than the tolerance against the baseline fails the run
     repaired = tmp_path / "repair.jsonl"
     args = ["--db", str(db), "-k", "pfl", "--repairs", "prune"]

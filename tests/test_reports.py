@@ -17,7 +17,7 @@ import pytest
 
 import reports
 from reports.cli import main
-from reports.tables import Cell
+from reports.tables import TABLE_KEYS, Cell
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -333,10 +333,10 @@ def test_cli_out_writes_one_file_per_table(tmp_path, capsys):
     code, out, err = run_cli(capsys, path, "--out", out_dir, "--format", "csv", "--no-plots")
     assert code == 0
     assert sorted(p.name for p in out_dir.iterdir()) == sorted(
-        [f"table{i}.csv" for i in range(1, 7)] + ["counts.csv"])
+        [f"table{i}.csv" for i in range(1, 7)] + ["detection.csv", "counts.csv"])
     rows = list(csv.reader((out_dir / "table3.csv").open()))
     assert rows[0][0] == "method" and float(dict((r[0], r[1]) for r in rows[1:])["CLP"]) == pytest.approx(0.3)
-    assert "wrote 7 tables and 0 plots" in err
+    assert f"wrote {len(TABLE_KEYS)} tables and 0 plots" in err
 
     code, out, err = run_cli(capsys, path, "--out", out_dir / "md", "--tables", "III", "--no-plots")
     md = (out_dir / "md" / "table3.md").read_text()
