@@ -36,6 +36,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from bd4nn.errors import BadInputError
 from bd4nn.neurons import NeuronMap
 
 __all__ = ["DataflowError", "Dataflow", "analyze", "sources", "residual_groups", "IMAGE"]
@@ -70,8 +71,9 @@ _SPATIAL_REDUCE_METHODS = {"mean", "sum", "amax", "amin"}
 _SCALAR_METHODS = {"size", "dim", "numel"}
 
 
-class DataflowError(ValueError):
-    """The traced model contains an op whose channel flow bd4nn cannot follow."""
+class DataflowError(BadInputError):
+    """The traced model contains an op whose channel flow bd4nn cannot follow (a ``ValueError``;
+    a user error: the architecture given cannot be used where a dataflow is needed, e.g. by SRA)."""
 
 
 @dataclass
@@ -180,7 +182,12 @@ def analyze(model: nn.Module, neuron_map: NeuronMap | None = None) -> Dataflow:
                         "right after it); its channel mixing cannot be followed"
                     )
                 if mod.groups != 1:
-                    raise DataflowError(f"{_describe(node)}: grouped/depthwise conv is not supported")
+                    raise DataflowError(
+                        f"{type(model).__name__}: {_describe(node)}: grouped/depthwise conv (groups="
+                        f"{mod.groups}) is not supported: its output channel i reads only the input channels "
+                        "of its own group, not every channel, which the dataflow (and SRA's dense narrow "
+                        "chain built from it) cannot express"
+                    )
                 srcs[node.target] = read_by(node, node.target, first)
                 value = frozenset({node.target})
             elif isinstance(mod, nn.Linear):

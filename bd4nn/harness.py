@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from bd4nn.errors import BadInputError
-from bd4nn.attacks.base import StampTrigger
+from bd4nn.attacks.base import trigger_from_tensors
 from bd4nn.data import ImageData, defender_data, evaluation_subset, load_dataset
 from bd4nn.db import Database, DefectLabel, bit_equal
 from bd4nn.metrics import (auroc, average_precision, flatten_scores, hits, selection_size, tied_layers,
@@ -44,7 +44,7 @@ class EntryContext:
     label: DefectLabel
     model: nn.Module
     neuron_map: NeuronMap
-    trigger: StampTrigger
+    trigger: Callable[[torch.Tensor], torch.Tensor]  # a stamp, SIG's signal or WaNet's warp
     clean_x: torch.Tensor
     clean_y: torch.Tensor
     test_x: torch.Tensor
@@ -91,7 +91,7 @@ def load_context(
     cx, cy = defender_data(ds, clean_fraction, clean_seed, images=clean_images)
     tx, ty = evaluation_subset(ds, label.extra.get("test_images"), label.seed)
     model = place(model, dev).eval()
-    return EntryContext(entry_id, label, model, NeuronMap(model), StampTrigger.from_tensors(trig),
+    return EntryContext(entry_id, label, model, NeuronMap(model), trigger_from_tensors(trig),
                         cx, cy, tx, ty, ds.num_classes, dev)
 
 

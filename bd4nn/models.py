@@ -34,7 +34,10 @@ __all__ = ["Normalize", "VGG", "ResNet", "register_model", "get_model", "list_mo
 DEFAULT_MEAN = (0.4914, 0.4822, 0.4465)
 DEFAULT_STD = (0.2470, 0.2435, 0.2616)
 
-MODELS: Registry[Callable[..., nn.Module]] = Registry("model", name_of=lambda fn: fn.__name__)
+# VGG and ResNet register below at import; models in other modules are built-ins imported on first use.
+MODELS: Registry[Callable[..., nn.Module]] = Registry(
+    "model", name_of=lambda fn: fn.__name__, builtins={"mobilenetv2": "bd4nn.mobilenet:mobilenetv2"}
+)
 
 
 def register_model(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:

@@ -23,7 +23,8 @@ __all__ = [
 
 ATTACKS: Registry[type[Attack]] = Registry("attack", base=Attack, builtins={
     "badnets": "bd4nn.attacks.badnets:BadNets", "blended": "bd4nn.attacks.blended:Blended",
-    "trojannn": "bd4nn.attacks.trojannn:TrojanNN", "sra": "bd4nn.attacks.sra:SRA"})
+    "trojannn": "bd4nn.attacks.trojannn:TrojanNN", "sra": "bd4nn.attacks.sra:SRA",
+    "sig": "bd4nn.attacks.sig:SIG", "wanet": "bd4nn.attacks.wanet:WaNet"})
 
 
 def register_attack(cls: type[Attack]) -> type[Attack]:

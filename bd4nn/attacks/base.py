@@ -1,11 +1,14 @@
 """The attack interface: a trigger (a pure function on [0,1] images), a poisoning rule, and an
 injection into a given sub-network (METHODS.md §2 "Injection").
 
-Every trigger of bd4nn is a *stamp*: ``x' = (1 − m) ⊙ x + m ⊙ p`` with a mask ``m`` (1 or 3
+Most triggers of bd4nn are *stamps*: ``x' = (1 − m) ⊙ x + m ⊙ p`` with a mask ``m`` (1 or 3
 channels, values in [0,1]) and a pattern ``p`` (3 channels, [0,1]). BadNets (opaque patch),
 Blended (constant α over the whole image), TrojanNN (optimized pattern inside a fixed region)
 and SRA (opaque patch) are all of this form, so an entry stores its trigger as two tensors and
-``StampTrigger`` rebuilds it exactly.
+``StampTrigger`` rebuilds it exactly. Triggers of other kinds keep their own tensors: SIG's
+additive signal (``trigger.signal``, ``bd4nn.attacks.sig.AdditiveTrigger``) and WaNet's warp
+grid (``trigger.grid``, ``bd4nn.attacks.wanet.WarpTrigger``); ``trigger_from_tensors``
+rebuilds any stored trigger from the names of its tensors.
 
 An attack is configured by a settings dataclass (published defaults, METHODS-REFERENCE §B) and
 a seed. ``make_trigger`` returns the trigger (TrojanNN optimizes it on the model; the others
@@ -15,6 +18,7 @@ only the given selection (plus the head) carries the backdoor, and returns what 
 
 from __future__ import annotations
 
+import importlib
 import time
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
@@ -28,6 +32,8 @@ from bd4nn.train import TrainConfig, train
 
 __all__ = [
     "StampTrigger",
+    "TRIGGER_KINDS",
+    "trigger_from_tensors",
     "InjectionRecipe",
     "InjectionInfo",
     "Attack",
@@ -72,6 +78,29 @@ class StampTrigger:
             and torch.equal(self.mask, other.mask)
             and torch.equal(self.pattern, other.pattern)
         )
+
+
+# Every kind of stored trigger: the exact set of tensor names an entry holds for it -> its class
+# ("module:Class", imported on first use). Triggers that are not stamps (issue 16): SIG's
+# additive signal, WaNet's warp grid.
+TRIGGER_KINDS: dict[frozenset[str], str] = {
+    frozenset({"trigger.mask", "trigger.pattern"}): "bd4nn.attacks.base:StampTrigger",
+    frozenset({"trigger.signal"}): "bd4nn.attacks.sig:AdditiveTrigger",
+    frozenset({"trigger.grid"}): "bd4nn.attacks.wanet:WarpTrigger",
+}
+
+
+def trigger_from_tensors(tensors: Mapping[str, torch.Tensor]):
+    """Rebuild a stored trigger of any kind (an entry's ``trigger.*`` tensors, ``tensors()`` of
+    the trigger that was saved): the set of tensor names tells the kind (``TRIGGER_KINDS``); a
+    stamp gives exactly ``StampTrigger.from_tensors``. Raises ``ValueError`` for an unknown set."""
+    keys = frozenset(k for k in tensors if k.startswith("trigger."))
+    where = TRIGGER_KINDS.get(keys)
+    if where is None:
+        known = "; ".join(", ".join(sorted(k)) for k in TRIGGER_KINDS)
+        raise ValueError(f"unknown trigger tensors {sorted(keys)}; known kinds: {known}")
+    module, _, attr = where.partition(":")
+    return getattr(importlib.import_module(module), attr).from_tensors(tensors)
 
 
 @dataclass
@@ -206,6 +235,14 @@ class PoisoningAttack(Attack):
         sel = neuron_map.validate(selection)
         poisoned = poison_indices(y, recipe.poison_rate, self.target, self.seed)
         hook = poison_hook(poisoned, len(y), trigger, self.target, torch.device(device))
+        return self.train_poisoned(model, neuron_map, sel, x, y, recipe, hook, device=device, progress=progress,
+                                   poisoned=int(len(poisoned)))
+
+    def train_poisoned(self, model, neuron_map, sel, x, y, recipe, hook, *, device, progress=False,
+                       **details) -> InjectionInfo:
+        """The restricted fine-tuning every poisoning attack shares: ``sel`` (and the head) trained
+        with ``recipe``, ``hook`` poisoning each batch; ``details`` (e.g. how many images were
+        poisoned) go into the label's ``extra`` with the final loss and train accuracy."""
         t0 = time.perf_counter()
         res = train(
             model, x, y, recipe.train_config(self.seed), device=device, restrict=sel,
@@ -213,8 +250,7 @@ class PoisoningAttack(Attack):
             progress=progress, desc=f"inject {self.name}",
         )
         return InjectionInfo(sel, time.perf_counter() - t0,
-                             {"poisoned": int(len(poisoned)), "final_loss": res.final_loss,
-                              "train_accuracy": res.train_accuracy})
+                             {**details, "final_loss": res.final_loss, "train_accuracy": res.train_accuracy})
 
 
 def corner_box(size: int, image: int = 32, margin: int = 0) -> tuple[slice, slice]:
