@@ -366,7 +366,9 @@ BASELINE_FIELDS = ("kind", "case", "nodeid", "outcome", "entry", "weights_sha", 
                    "hits", "n_fault", "n_localized", "auroc", "ap", "cad", "asrd",
                    # the context, so that `python -m reports BASELINE` prints every table
                    "dataset", "arch", "attack", "level", "candidate", "ca", "asr", "asr_cor", "benign_ca",
-                   "ca_before", "asr_before", "ca_after", "asr_after")
+                   "ca_before", "asr_before", "ca_after", "asr_after",
+                   # the benign controls (the detection table, Table II's benign column)
+                   "score_max_z", "score_p99_z", "score_max", "benign_asr")
 
 
 def save_baseline(results: str | os.PathLike, out: str | os.PathLike, *, overwrite: bool = False,

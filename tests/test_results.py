@@ -123,7 +123,7 @@ def test_save_baseline_keeps_the_context_and_refuses_to_overwrite_or_filter(tmp_
     directory = {"kind": "directory", "dataset": "cifar10", "arch": "vgg13", "attack": "badnets", "level": "narrow",
                  "kept": 1, "rejected": 0, "mean_ca": 0.8}
     case = {**_case("clp", "e1", 0.5, 1.0), "dataset": "cifar10", "arch": "vgg13", "ca": 0.8, "asr": 0.97,
-            "scores": [1, 2, 3]}
+            "scores": [1, 2, 3], "score_max_z": 4.2, "weights_sha": "a" * 16}
     results = tmp_path / "run.jsonl"
     results.write_text("".join(json.dumps(r) + "\n" for r in (head, directory, case)))
     out = tmp_path / "base.jsonl"
@@ -131,6 +131,7 @@ def test_save_baseline_keeps_the_context_and_refuses_to_overwrite_or_filter(tmp_
     saved = read(out)
     assert [ln["kind"] for ln in saved] == ["header", "directory", "case"]
     assert saved[2]["ca"] == 0.8 and saved[2]["arch"] == "vgg13" and "scores" not in saved[2]
+    assert saved[2]["score_max_z"] == 4.2 and saved[2]["weights_sha"] == "a" * 16  # detection table; same model?
     with pytest.raises(ValueError, match="exists; pass --overwrite"):
         save_baseline(results, out)
     assert save_baseline(results, out, overwrite=True) == 1
