@@ -32,6 +32,7 @@ from bd4nn.train import TrainConfig, train
 
 __all__ = [
     "StampTrigger",
+    "TensorTrigger",
     "TRIGGER_KINDS",
     "trigger_from_tensors",
     "InjectionRecipe",
@@ -78,6 +79,38 @@ class StampTrigger:
             and torch.equal(self.mask, other.mask)
             and torch.equal(self.pattern, other.pattern)
         )
+
+
+class TensorTrigger:
+    """A trigger that is one stored tensor ``KEY`` (the kinds that are not stamps: SIG's signal,
+    WaNet's grid): the tensor kept on the CPU, copied once to each device it is applied on,
+    stored as ``{KEY: tensor}`` and compared bit for bit. Subclasses check the tensor's shape and
+    define ``__call__``."""
+
+    KEY: ClassVar[str] = ""
+
+    def __init__(self, value: torch.Tensor) -> None:
+        self.value = value.detach().float().cpu().contiguous()
+        self._on: dict[torch.device, torch.Tensor] = {}
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        """The tensor on ``device`` (copied there once)."""
+        v = self._on.get(device)
+        if v is None:
+            v = self._on[device] = self.value.to(device)
+        return v
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {self.KEY: self.value.contiguous()}
+
+    @classmethod
+    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]):
+        return cls(tensors[cls.KEY])
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and torch.equal(self.value, other.value)
+
+    __hash__ = None  # mutable tensor inside: compared by value, not hashable
 
 
 # Every kind of stored trigger: the exact set of tensor names an entry holds for it -> its class

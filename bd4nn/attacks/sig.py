@@ -31,47 +31,35 @@ the 0..255 image and clipped) and the clean-label selection of ``attack/sig.py``
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 
 from bd4nn.attacks import register_attack
-from bd4nn.attacks.base import PoisoningAttack
+from bd4nn.attacks.base import PoisoningAttack, TensorTrigger
 
 __all__ = ["AdditiveTrigger", "sig_signal", "clean_label_indices", "SIG"]
 
 
-class AdditiveTrigger:
+class AdditiveTrigger(TensorTrigger):
     """``x' = clamp(x + signal, 0, 1)`` on a batch of [0,1] images (pure function); ``signal`` is
     (1|3, H, W), any sign. Stored as ``trigger.signal``."""
 
-    KEYS = frozenset({"trigger.signal"})
+    KEY = "trigger.signal"
 
     def __init__(self, signal: torch.Tensor) -> None:
         if signal.ndim != 3 or signal.shape[0] not in (1, 3):
             raise ValueError(f"signal must be (1|3, H, W), got {tuple(signal.shape)}")
-        signal = signal.detach().float().cpu()
         if not torch.isfinite(signal).all():
             raise ValueError("signal must be finite")
-        self.signal = signal
-        self._on: dict[torch.device, torch.Tensor] = {}
+        super().__init__(signal)
+
+    @property
+    def signal(self) -> torch.Tensor:
+        return self.value
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        v = self._on.get(x.device)
-        if v is None:
-            v = self._on[x.device] = self.signal.to(x.device)
-        return (x + v.to(x.dtype)).clamp(0, 1)
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"trigger.signal": self.signal.contiguous()}
-
-    @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "AdditiveTrigger":
-        return cls(tensors["trigger.signal"])
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, AdditiveTrigger) and torch.equal(self.signal, other.signal)
+        return (x + self.on(x.device).to(x.dtype)).clamp(0, 1)
 
 
 def sig_signal(delta: float, f: float, height: int = 32, width: int = 32) -> torch.Tensor:

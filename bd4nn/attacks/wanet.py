@@ -29,53 +29,38 @@ values (METHODS-REFERENCE lists no WaNet section yet).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from bd4nn.attacks import register_attack
-from bd4nn.attacks.base import PoisoningAttack, poison_indices
+from bd4nn.attacks.base import PoisoningAttack, TensorTrigger, poison_indices
 
 __all__ = ["WarpTrigger", "random_offsets", "identity_grid", "upsample_offsets", "warp_grid", "noise_indices",
            "WaNet"]
 
 
-class WarpTrigger:
+class WarpTrigger(TensorTrigger):
     """``x' = grid_sample(x, grid)`` (bilinear, zero padding, ``align_corners=True``) on a batch of
     [0,1] images (pure function); ``grid`` is (H, W, 2) in [-1, 1], ``[..., 0]`` = x (column),
     ``[..., 1]`` = y (row). Stored as ``trigger.grid``."""
 
-    KEYS = frozenset({"trigger.grid"})
+    KEY = "trigger.grid"
 
     def __init__(self, grid: torch.Tensor) -> None:
         if grid.ndim != 3 or grid.shape[2] != 2:
             raise ValueError(f"grid must be (H, W, 2), got {tuple(grid.shape)}")
-        grid = grid.detach().float().cpu()
         if not torch.isfinite(grid).all() or grid.abs().max() > 1:
             raise ValueError("grid values must be finite and in [-1, 1]")
-        self.grid = grid.contiguous()
-        self._on: dict[torch.device, torch.Tensor] = {}
+        super().__init__(grid)
 
-    def on(self, device: torch.device) -> torch.Tensor:
-        g = self._on.get(device)
-        if g is None:
-            g = self._on[device] = self.grid.to(device)
-        return g
+    @property
+    def grid(self) -> torch.Tensor:
+        return self.value
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return sample(x, self.on(x.device)[None].expand(x.shape[0], -1, -1, -1))
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        return {"trigger.grid": self.grid.contiguous()}
-
-    @classmethod
-    def from_tensors(cls, tensors: Mapping[str, torch.Tensor]) -> "WarpTrigger":
-        return cls(tensors["trigger.grid"])
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, WarpTrigger) and torch.equal(self.grid, other.grid)
 
 
 def sample(x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
