@@ -40,6 +40,7 @@ __all__ = [
     "Attack",
     "PoisoningAttack",
     "poison_indices",
+    "seeded_pick",
     "poison_hook",
     "corner_box",
 ]
@@ -186,10 +187,14 @@ def poison_indices(labels: torch.Tensor, rate: float, target: int, seed: int) ->
     if not 0 <= rate <= 1:
         raise ValueError(f"poison rate must be in [0, 1], got {rate}")
     candidates = torch.nonzero(labels.cpu() != target).flatten()
-    k = min(len(candidates), int(round(rate * labels.shape[0])))
+    return seeded_pick(candidates, int(round(rate * labels.shape[0])), seed)
+
+
+def seeded_pick(candidates: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    """``min(k, len(candidates))`` of ``candidates`` (image indices) drawn with a generator seeded
+    with ``seed``, sorted: how every attack chooses the images it alters."""
     g = torch.Generator().manual_seed(seed)
-    pick = candidates[torch.randperm(len(candidates), generator=g)[:k]]
-    return pick.sort().values
+    return candidates[torch.randperm(len(candidates), generator=g)[: min(k, len(candidates))]].sort().values
 
 
 def poison_hook(poisoned: torch.Tensor, n: int, trigger: StampTrigger, target: int, device: torch.device):

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from bd4nn.attacks import register_attack
-from bd4nn.attacks.base import PoisoningAttack, TensorTrigger
+from bd4nn.attacks.base import PoisoningAttack, TensorTrigger, seeded_pick
 
 __all__ = ["AdditiveTrigger", "sig_signal", "clean_label_indices", "SIG"]
 
@@ -77,10 +77,7 @@ def clean_label_indices(labels: torch.Tensor, rate: float, target: int, seed: in
     if not 0 <= rate <= 1:
         raise ValueError(f"poison rate must be in [0, 1], got {rate}")
     candidates = torch.nonzero(labels.cpu() == target).flatten()
-    k = min(len(candidates), int(round(rate * labels.shape[0])))
-    g = torch.Generator().manual_seed(seed)
-    pick = candidates[torch.randperm(len(candidates), generator=g)[:k]]
-    return pick.sort().values
+    return seeded_pick(candidates, int(round(rate * labels.shape[0])), seed)
 
 
 @register_attack

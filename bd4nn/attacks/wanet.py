@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from bd4nn.attacks import register_attack
-from bd4nn.attacks.base import PoisoningAttack, TensorTrigger, poison_indices
+from bd4nn.attacks.base import PoisoningAttack, TensorTrigger, poison_indices, seeded_pick
 
 __all__ = ["WarpTrigger", "random_offsets", "identity_grid", "upsample_offsets", "warp_grid", "noise_indices",
            "WaNet"]
@@ -98,10 +98,7 @@ def noise_indices(labels: torch.Tensor, count: int, exclude: torch.Tensor, seed:
     """``count`` images (seeded, any class) outside ``exclude``, sorted; capped at what is left."""
     free = torch.ones(labels.shape[0], dtype=torch.bool)
     free[exclude] = False
-    candidates = torch.nonzero(free).flatten()
-    g = torch.Generator().manual_seed(seed)
-    pick = candidates[torch.randperm(len(candidates), generator=g)[: min(count, len(candidates))]]
-    return pick.sort().values
+    return seeded_pick(torch.nonzero(free).flatten(), count, seed)
 
 
 @register_attack
