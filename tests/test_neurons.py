@@ -88,6 +88,18 @@ def test_mask_zeroes_exactly_the_selected_activations(arch):
     assert torch.equal(bn_outputs(model, nm, x)[layer], clean[layer])
 
 
+def bn_zeroed_copy(model: nn.Module, sel: dict[str, list[int]]) -> nn.Module:
+    """A copy of ``model`` with BN γ = β = 0 on ``sel``: what masking must equal in eval mode,
+    written without the mask's hooks."""
+    pruned = copy.deepcopy(model)
+    pnm = NeuronMap(pruned)
+    with torch.no_grad():
+        for layer, chans in sel.items():
+            pnm.bn(layer).weight[chans] = 0
+            pnm.bn(layer).bias[chans] = 0
+    return pruned
+
+
 def test_mask_equals_zeroing_bn_gamma_and_beta():
     """Independent check: in eval mode, masking == setting BN γ=β=0 on those channels."""
     model = get_model("resnet18", 10, width=0.25, seed=1).eval()
@@ -98,12 +110,7 @@ def test_mask_equals_zeroing_bn_gamma_and_beta():
             m.running_var.uniform_(0.5, 2.0)
     nm = NeuronMap(model)
     sel = {"conv1": [1, 3], "layer2.0.shortcut.0": [0, 5, 9], "layer4.1.conv2": [2]}
-    pruned = copy.deepcopy(model)
-    pnm = NeuronMap(pruned)
-    with torch.no_grad():
-        for layer, chans in sel.items():
-            pnm.bn(layer).weight[chans] = 0
-            pnm.bn(layer).bias[chans] = 0
+    pruned = bn_zeroed_copy(model, sel)
     x = torch.rand(3, 3, 32, 32)
     with nm.mask(sel):
         a = model(x)
