@@ -1,7 +1,8 @@
 """Reading the neurons' activations: BN-output capture.
 
 Rule 1 (``contribution``), TrojanNN's trigger search and several localizers read the BN outputs
-(the neurons' activations, METHODS.md §1) of some neuron layers, usually inside
+(the neurons' activations, METHODS.md §1; the conv outputs of a pre-activation network,
+``NeuronMap.output``) of some neuron layers, usually inside
 ``bd4nn.runtime.frozen`` (eval mode, parameters out of autograd). ``capture`` is a context
 manager that removes its hooks on exit, also on an exception.
 """
@@ -30,8 +31,7 @@ def capture(neuron_map: NeuronMap, layers: Sequence[str] | None = None) -> Itera
     handles = []
     try:
         for name in names:
-            bn = neuron_map.bn(name)
-            handles.append(bn.register_forward_hook(lambda _m, _i, o, k=name: out.__setitem__(k, o)))
+            handles.append(neuron_map.output(name).register_forward_hook(lambda _m, _i, o, k=name: out.__setitem__(k, o)))
         yield out
     finally:
         for h in handles:

@@ -71,7 +71,7 @@ def _models(args: argparse.Namespace) -> int:
                                                           "parameters"]))
     for name, nm in maps.items() if args.layers else ():
         print(f"\n{name}")
-        print(tabulate([[layer.name, layer.bn_name, layer.size] for layer in nm],
+        print(tabulate([[layer.name, layer.bn_name or "(none: masked after the conv)", layer.size] for layer in nm],
                        headers=["layer (conv)", "BatchNorm", "neurons"]))
     return 0
 

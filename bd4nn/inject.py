@@ -17,6 +17,7 @@
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -133,10 +134,15 @@ def relative_contribution(
     c = contribution(model, neuron_map, x[idx], target, layers=list(selection), transform=trigger, device=device)
     raw = {layer: c[layer][chans].double() for layer, chans in selection.items()}
     total = sum(float(v.sum()) for v in raw.values())
-    m = sum(len(ch) for ch in selection.values())
     if total <= 0:
-        return {layer: [1.0 / m] * len(ch) for layer, ch in selection.items()}
+        return uniform_rc(selection)
     return {layer: (v / total).tolist() for layer, v in raw.items()}
+
+
+def uniform_rc(selection: Selection) -> dict[str, list[float]]:
+    """Every fault neuron the same share: RC when it cannot be measured."""
+    m = sum(len(ch) for ch in selection.values())
+    return {layer: [1.0 / m] * len(ch) for layer, ch in selection.items()}
 
 
 @dataclass
@@ -204,7 +210,11 @@ class CandidateOutcome:
 
     @property
     def kept(self) -> bool:
-        return self.measurement.asr_cor > ASR_COR_THRESHOLD
+        return not self.details.get("diverged", False) and self.measurement.asr_cor > ASR_COR_THRESHOLD
+
+
+def _finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in model.state_dict().values() if t.is_floating_point())
 
 
 def run_candidate(
@@ -233,12 +243,20 @@ def run_candidate(
     m = measure(model, nm, fault, test_x, test_y, trigger, attack.target, device=dev)
     rc = relative_contribution(model, nm, fault, train_x, train_y, trigger, attack.target,
                                max_images=rc_images, device=dev)
+    # An injection that diverged (a non-finite weight, or contributions that overflow) is rejected
+    # with the reason in its label, not kept on the strength of NaN logits (whose argmax is
+    # arbitrary) nor allowed to stop the build; its RC is the uniform placeholder.
+    diverged = not _finite(model) or not all(math.isfinite(v) for vs in rc.values() for v in vs)
+    if diverged:
+        rc = uniform_rc(fault)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     seconds = time.perf_counter() - t0
     # An attack's details that end in "_seconds" are wall-clock figures: they go to the timings,
     # not the label, so that two builds of one profile write the same bytes (issue 12, class 5).
     details = {k: v for k, v in info.details.items() if not k.endswith("_seconds")}
+    if diverged:
+        details["diverged"] = True
     timings = {"seconds": seconds, "inject_seconds": info.seconds,
                **{k: v for k, v in info.details.items() if k.endswith("_seconds")}}
     return CandidateOutcome(model, fault, trigger, m, rc, seconds, details, timings)

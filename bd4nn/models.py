@@ -36,7 +36,8 @@ DEFAULT_STD = (0.2470, 0.2435, 0.2616)
 
 # VGG and ResNet register below at import; models in other modules are built-ins imported on first use.
 MODELS: Registry[Callable[..., nn.Module]] = Registry(
-    "model", name_of=lambda fn: fn.__name__, builtins={"mobilenetv2": "bd4nn.mobilenet:mobilenetv2"}
+    "model", name_of=lambda fn: fn.__name__, builtins={"mobilenetv2": "bd4nn.mobilenet:mobilenetv2",
+                                               "preactresnet18": "bd4nn.preact:preactresnet18"}
 )
 
 
@@ -173,6 +174,21 @@ class BasicBlock(nn.Module):
         return self.relu2(out + self.shortcut(x))
 
 
+def add_stages(net: nn.Module, block: Callable[[int, int, int], nn.Module], blocks: Sequence[int],
+               widths: Sequence[int]) -> int:
+    """Set ``net.layer1`` … ``net.layer4``: ``blocks[i]`` blocks ``block(in_ch, out_ch, stride)`` of
+    width ``widths[i]``, the first block of a stage at stride 1, 2, 2, 2 and the input of stage 1
+    ``widths[0]`` wide (the stem's). Returns the last stage's width (the head's input)."""
+    in_ch = widths[0]
+    for stage, (n, out_ch, stride) in enumerate(zip(blocks, widths, (1, 2, 2, 2)), start=1):
+        layer = []
+        for b in range(n):
+            layer.append(block(in_ch, out_ch, stride if b == 0 else 1))
+            in_ch = out_ch
+        setattr(net, f"layer{stage}", nn.Sequential(*layer))
+    return in_ch
+
+
 class ResNet(nn.Module):
     """CIFAR ResNet: ``normalize`` → 3x3 stem → four stages → global avg pool → ``linear``."""
 
@@ -190,13 +206,7 @@ class ResNet(nn.Module):
         self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
-        in_ch = widths[0]
-        for stage, (n, out_ch, stride) in enumerate(zip(blocks, widths, (1, 2, 2, 2)), start=1):
-            layer = []
-            for b in range(n):
-                layer.append(BasicBlock(in_ch, out_ch, stride if b == 0 else 1))
-                in_ch = out_ch
-            setattr(self, f"layer{stage}", nn.Sequential(*layer))
+        in_ch = add_stages(self, BasicBlock, blocks, widths)
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.linear = nn.Linear(in_ch, num_classes)

@@ -8,8 +8,17 @@ channels forms one neuron layer, named by the conv's module path (``features.3``
 units works, at any width. The classifier is not a neuron layer; ``head_name`` names it (the
 last ``nn.Linear``).
 
+**Pre-activation networks** (``NEURON_UNITS``). In a PreAct-ResNet (He et al., ECCV'16) the unit
+is BN → ReLU → conv: a BatchNorm normalizes the *input* of the conv after it (often a residual
+sum of several convs), so it belongs to no single conv. A model declares this with the class
+attribute ``neuron_unit = "conv"``: then every ``Conv2d`` is a neuron layer on its own
+(``bn_name`` None), its neuron is one output channel of the conv, and its activation, which
+masks, captures and localizers read, is the conv's output (``output_name``). The default
+``neuron_unit = "conv+bn"`` is the walk above. ``bd4nn.preact`` is the one such model.
+
 A *selection* is ``{layer_name: sorted list of channels}``. A *mask* zeroes the selected
-channels' BN outputs (before the nonlinearity / residual add) through forward hooks.
+channels' activations (the BN output, or the conv output of a ``"conv"`` unit; before the
+nonlinearity / residual add) through forward hooks.
 """
 
 from __future__ import annotations
@@ -23,7 +32,7 @@ from torch import nn
 
 from bd4nn.errors import UserError
 
-__all__ = ["NeuronLayer", "NeuronMap", "Selection", "SelectionError", "normalize_selection"]
+__all__ = ["NeuronLayer", "NeuronMap", "Selection", "SelectionError", "normalize_selection", "NEURON_UNITS"]
 
 Selection = dict[str, list[int]]
 
@@ -32,25 +41,43 @@ class SelectionError(UserError, ValueError):
     """A selection names an unknown layer or an out-of-range / duplicate channel."""
 
 
+# A model's ``neuron_unit`` attribute -> what forms its neuron layers (module docstring).
+NEURON_UNITS = ("conv+bn", "conv")
+
+
 @dataclass(frozen=True)
 class NeuronLayer:
     name: str  # module path of the conv
-    bn_name: str  # module path of the BatchNorm that follows it
+    bn_name: str | None  # module path of the BatchNorm that follows it; None for a "conv" unit
     size: int  # number of output channels = neurons
     offset: int  # global index of channel 0 in the map's flat order
 
+    @property
+    def output_name(self) -> str:
+        """The module whose output is the neurons' activation: the BN, or the conv itself."""
+        return self.bn_name if self.bn_name is not None else self.name
+
 
 class NeuronMap:
-    """The conv→BN neuron layers of ``model`` in module-registration order."""
+    """The neuron layers of ``model`` (conv→BN units, or every conv for a ``neuron_unit = "conv"``
+    model) in module-registration order."""
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         modules = dict(model.named_modules())
+        unit = getattr(model, "neuron_unit", "conv+bn")
+        if unit not in NEURON_UNITS:
+            raise ValueError(f"{type(model).__name__}.neuron_unit is {unit!r}; expected one of {NEURON_UNITS}")
         layers: list[NeuronLayer] = []
         prev_name: str | None = None
         prev: nn.Module | None = None
         offset = 0
         for name, module in model.named_modules():
+            if unit == "conv":
+                if isinstance(module, nn.Conv2d):
+                    layers.append(NeuronLayer(name, None, module.out_channels, offset))
+                    offset += module.out_channels
+                continue
             if isinstance(module, nn.BatchNorm2d) and isinstance(prev, nn.Conv2d):
                 if prev.out_channels != module.num_features:
                     raise ValueError(
@@ -62,7 +89,7 @@ class NeuronMap:
             if len(list(module.children())) == 0:  # leaves only: containers do not break pairs
                 prev_name, prev = name, module
         if not layers:
-            raise ValueError(f"{type(model).__name__} has no conv→BatchNorm units")
+            raise ValueError(f"{type(model).__name__} has no {'conv' if unit == 'conv' else 'conv→BatchNorm'} units")
         self._layers = {layer.name: layer for layer in layers}
         self._modules = modules
         linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -107,8 +134,14 @@ class NeuronMap:
     def conv(self, name: str) -> nn.Conv2d:
         return self._modules[self.layer(name).name]  # type: ignore[return-value]
 
-    def bn(self, name: str) -> nn.BatchNorm2d:
-        return self._modules[self.layer(name).bn_name]  # type: ignore[return-value]
+    def bn(self, name: str) -> nn.BatchNorm2d | None:
+        """The layer's BatchNorm; None for a ``"conv"`` unit (a pre-activation network)."""
+        bn_name = self.layer(name).bn_name
+        return None if bn_name is None else self._modules[bn_name]  # type: ignore[return-value]
+
+    def output(self, name: str) -> nn.Module:
+        """The module whose output is the layer's neuron activation (``NeuronLayer.output_name``)."""
+        return self._modules[self.layer(name).output_name]
 
     def head(self) -> nn.Linear:
         if self.head_name is None:
@@ -183,9 +216,10 @@ class NeuronMap:
     # ------------------------------------------------------------------ masking
     @contextmanager
     def mask(self, selection: Mapping[str, Sequence[int]]) -> Iterator[None]:
-        """Zero the selected channels' BN outputs inside the ``with`` block.
+        """Zero the selected channels' activations (BN outputs; conv outputs of a ``"conv"`` unit)
+        inside the ``with`` block.
 
-        Implemented with forward hooks on the BatchNorm modules, so it works for any
+        Implemented with forward hooks on the modules ``output`` names, so it works for any
         architecture and leaves every parameter untouched. Hooks are removed on exit, also
         on an exception.
         """
@@ -193,10 +227,9 @@ class NeuronMap:
         handles = []
         try:
             for name, chans in sel.items():
-                bn = self.bn(name)
-                keep = torch.ones(bn.num_features, device=bn.weight.device if bn.weight is not None else None)
+                keep = torch.ones(self.layer(name).size)
                 keep[chans] = 0.0
-                handles.append(bn.register_forward_hook(_make_mask_hook(keep)))
+                handles.append(self.output(name).register_forward_hook(_make_mask_hook(keep)))
             yield
         finally:
             for h in handles:

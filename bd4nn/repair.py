@@ -76,12 +76,18 @@ def list_repairs() -> list[str]:
 @register_repair("prune")
 @torch.no_grad()
 def prune(model: nn.Module, neuron_map: NeuronMap, selection: Mapping[str, Sequence[int]], **_: object) -> nn.Module:
-    """Zero BN γ and β of the selected neurons, in place; returns ``model``."""
+    """Zero BN γ and β of the selected neurons, in place; returns ``model``.
+
+    In eval mode this is the mask (``NeuronMap.mask``): the BN output γ·x̂ + β of those channels
+    is 0. A neuron without a BN (a pre-activation network's conv) gets its conv filter rows and
+    bias zeroed instead, which makes its conv output, again the masked activation, 0."""
     for layer, chans in neuron_map.validate(selection).items():
         bn = neuron_map.bn(layer)
-        idx = torch.tensor(chans, dtype=torch.long, device=bn.weight.device)
-        bn.weight.index_fill_(0, idx, 0.0)
-        bn.bias.index_fill_(0, idx, 0.0)
+        unit = bn if bn is not None else neuron_map.conv(layer)
+        idx = torch.tensor(chans, dtype=torch.long, device=unit.weight.device)
+        unit.weight.index_fill_(0, idx, 0.0)
+        if unit.bias is not None:
+            unit.bias.index_fill_(0, idx, 0.0)
     return model
 
 

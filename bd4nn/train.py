@@ -90,6 +90,8 @@ BENIGN_RECIPES: dict[str, TrainConfig] = {
     "resnet": TrainConfig(epochs=30, batch_size=512, lr=0.2, weight_decay=5e-4, label_smoothing=0.1),
     # MobileNetV2 (issue 16) takes the ResNet recipe until a GPU run tunes it (not measured yet)
     "mobilenet": TrainConfig(epochs=30, batch_size=512, lr=0.2, weight_decay=5e-4, label_smoothing=0.1),
+    # PreAct-ResNet-18 (issue 16): the ResNet recipe, likewise untuned
+    "preactresnet": TrainConfig(epochs=30, batch_size=512, lr=0.2, weight_decay=5e-4, label_smoothing=0.1),
 }
 
 
@@ -199,6 +201,17 @@ class _Restriction:
     (conv weight and bias, BN γ/β, BN running statistics) is a set of rows along dim 0: the
     snapshot keeps only those rows, and ``restore`` writes them back in place with one
     ``index_copy_`` per tensor (no per-step allocation of full-size masks or copies).
+
+    A BatchNorm that is no neuron's (every BN of a pre-activation network, ``bd4nn.preact``:
+    it normalizes the input of a conv) is frozen whole, and runs in eval mode during the run
+    (``train_mode``): in train mode it would normalize with batch statistics that the trained
+    channels shift, while the restored running statistics, which the model uses afterwards,
+    would not follow, so the trained rows would fit a normalization the model never applies
+    [decision; measured on PreAct-ResNet-18 at width 1/8, three-colour data, BadNets at lr 0.05:
+    with train-mode BNs the poisoned run reached train accuracy 1.0 but the model then predicted
+    the target for every clean test image (CA 0.48), from the restored statistics]. Nothing then
+    normalizes the trained channels: such runs need a lower learning rate (the same run diverged
+    at lr 0.05 and was stable at 0.01-0.03).
     """
 
     def __init__(
@@ -209,6 +222,9 @@ class _Restriction:
         train_head: bool,
     ) -> None:
         sel = neuron_map.validate(selection)
+        neuron_bns = {neuron_map.layer(n).bn_name for n in neuron_map.layers}
+        self.fixed_bns = [m for n, m in model.named_modules()
+                          if isinstance(m, nn.modules.batchnorm._BatchNorm) and n not in neuron_bns]
         self.frozen_rows: dict[str, torch.Tensor | None] = {}  # param name -> rows to restore; None = none
         row_buffers: dict[str, torch.Tensor] = {}
         for layer, chans in sel.items():
@@ -220,6 +236,8 @@ class _Restriction:
             self.frozen_rows[f"{conv_name}.weight"] = rows
             if conv.bias is not None:
                 self.frozen_rows[f"{conv_name}.bias"] = rows
+            if bn is None:  # a pre-activation net's conv: the BNs are not the neuron's; all frozen
+                continue
             if bn.weight is not None:
                 self.frozen_rows[f"{bn_name}.weight"] = rows
                 self.frozen_rows[f"{bn_name}.bias"] = rows
@@ -247,6 +265,12 @@ class _Restriction:
                 self._restore.append((b, None, b.detach().clone()))
             elif len(rows):
                 self._restore.append((b, rows, b.detach()[rows].clone()))
+
+    def train_mode(self, model: nn.Module) -> None:
+        """``model.train()``, except the BNs that are no neuron's (class docstring)."""
+        model.train()
+        for m in self.fixed_bns:
+            m.eval()
 
     def trainable(self) -> list[nn.Parameter]:
         return [self.params[n] for n in self.params if n in self.frozen_rows]
@@ -343,7 +367,10 @@ def train(
     correct = torch.zeros((), device=dev, dtype=torch.long)
     seen = 0
     step = 0
-    model.train()
+    if restriction is not None:
+        restriction.train_mode(model)
+    else:
+        model.train()
     bar = progress_bar(range(cfg.epochs), desc=desc, disable=not progress, leave=False, unit="epoch")
     try:
         for epoch in bar:

@@ -18,7 +18,12 @@ Score = ``1 − m``: a low mask (the neuron is pruned first) is suspicious.
 Implementation. The caller's model is not replaced or copied (unless ``device`` differs from
 its device): a forward hook on each neuron-layer BN turns its output ``out = γ·x̂ + β`` into
 ``a⊙out + b`` with per-channel ``a = m(+δ)`` and ``b = β⊙(1(+ξ) − a)``, which equals
-``γ·a·x̂ + β(1+ξ)``, i.e. the noisy BN above, exactly. ``a`` and ``b`` of all layers are computed
+``γ·a·x̂ + β(1+ξ)``, i.e. the noisy BN above, exactly. A pre-activation network's neuron has no
+BN of its own (``bd4nn.preact``): the hook sits on the conv output ``W·x + β`` (``β`` = the conv
+bias, 0 when it has none) and gives ``a·W·x + β(1+ξ)``, ANP's perturbation of the neuron's
+weights and bias as the paper states it [decision: the original perturbs every BN module,
+which in a PreAct block normalizes the *input* of a conv, a residual sum of several convs, not
+a neuron of bd4nn's]. ``a`` and ``b`` of all layers are computed
 at once from flat (total-channel) tensors, so there is no per-channel Python loop and every
 tensor stays on the device. The network weights are out of autograd; only ``m``, ``δ``, ``ξ``
 get gradients.
@@ -89,7 +94,8 @@ def _anp_mode(model: nn.Module, train_bn: bool):
 
 
 class NoisyBN:
-    """Forward hooks on the neuron-layer BNs that turn each output ``out`` into ``a⊙out + b``
+    """Forward hooks on the neuron-layer BNs (``NeuronMap.output``: the conv of a pre-activation
+    net's neuron) that turn each output ``out`` into ``a⊙out + b``
     per channel, with ``a`` and ``b`` flat over all layers' channels (``set``). With
     ``coefficients`` this is ANP's noisy BN (``γ·a·x̂ + β·(1+ξ)``). A context manager: the hooks
     are removed on exit."""
@@ -97,7 +103,7 @@ class NoisyBN:
     def __init__(self, neuron_map: NeuronMap, layers: list[str] | None = None) -> None:
         self.layers = list(layers) if layers is not None else neuron_map.layers
         self.sizes = [neuron_map.sizes[l] for l in self.layers]
-        self.bns = [neuron_map.bn(l) for l in self.layers]
+        self.bns = [neuron_map.output(l) for l in self.layers]  # the BN, or the conv of a "conv" unit
         if len({id(b) for b in self.bns}) != len(self.bns):
             raise LocalizerError("anp: two neuron layers share one BatchNorm module")
         self._a: list[torch.Tensor] = []
@@ -105,7 +111,8 @@ class NoisyBN:
         self._handles: list = []
 
     def beta(self, device) -> torch.Tensor:
-        """The BN biases of all channels, flat (zeros for a BN without affine parameters)."""
+        """The BN biases (conv biases of ``"conv"`` units) of all channels, flat (zeros where a
+        module has no bias / no affine parameters)."""
         return torch.cat([
             (b.bias.detach().float() if b.bias is not None else torch.zeros(n)).to(device)
             for b, n in zip(self.bns, self.sizes)

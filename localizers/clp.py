@@ -47,8 +47,14 @@ from localizers.base import Localizer, outliers, register_localizer, standardize
 __all__ = ["CLP", "uclc", "standardize_per_layer"]
 
 
-def uclc(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, device: torch.device | str | None = None) -> torch.Tensor:
+def uclc(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d | None, device: torch.device | str | None = None) -> torch.Tensor:
     """Upper bound of the channel Lipschitz constant of every output channel of ``conv``→``bn``.
+
+    ``bn`` None (a pre-activation network's neuron is the conv output itself, ``bd4nn.preact``):
+    nothing to fold, the bound is the spectral norm of the channel's filter [decision: CLP's
+    code pairs each BN with the last conv before it in module order, which in a PreAct block
+    folds ``bn1``, the normalization of a residual sum, into whichever conv came last, and
+    leaves ``conv2`` and the shortcut conv unscored].
 
     Returns a float32 tensor of size ``conv.out_channels`` on ``device`` (default: the conv's).
     Reads the weights only (detached); nothing in the modules changes.
@@ -57,11 +63,11 @@ def uclc(conv: torch.nn.Conv2d, bn: torch.nn.BatchNorm2d, device: torch.device |
     w = conv.weight.detach().to(device=dev, dtype=torch.float32)
     c_out = w.shape[0]
     w = w.reshape(c_out, w.shape[1], -1)  # (C_out, C_in, kh*kw): one matrix per channel
-    if bn.weight is not None:
+    if bn is not None and bn.weight is not None:
         gamma = bn.weight.detach().to(device=dev, dtype=w.dtype)
     else:
         gamma = torch.ones(c_out, device=dev, dtype=w.dtype)
-    if bn.running_var is not None:
+    if bn is not None and bn.running_var is not None:
         var = bn.running_var.detach().to(device=dev, dtype=w.dtype)
         sigma = var.sqrt()  # no eps: original code
         sigma = torch.where(sigma > 0, sigma, torch.full_like(sigma, float(bn.eps) ** 0.5))

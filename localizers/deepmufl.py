@@ -6,6 +6,9 @@ deepmufl ``src/metallaxis.py``, ``src/muse.py``, ``src/mutation_executor.py``.
 **Mutants.** For every neuron (output channel ``c`` of neuron layer ``l``) eight mutants, in
 ``MUTANTS`` order: its conv filter ``W[c]`` +1, −1, ×2, ×0.5, and its bias +1, −1, ×2, ×0.5, the
 bias being the conv bias ``b[c]`` where the conv has one (VGG) and BN ``β[c]`` otherwise (ResNet).
+A pre-activation network's neuron (``bd4nn.preact``) has neither: its bias mutants act on the
+conv's absent bias as on a zero one (``z_c ± 1``; ``× s`` leaves the model as it is, so those
+two mutants flip no test) [decision: it keeps eight mutants per neuron in every model].
 These are deepmufl's four value mutators (it chains +1, −2, ×2, ÷4 with restores, which yields
 the same four mutants); deepmufl applies them to whole conv layers, the channel granularity is
 METHODS' decision (§F.6).
@@ -126,17 +129,19 @@ class _Layer:
 
     def __init__(self, name: str, neuron_map: NeuronMap):
         self.name = name
-        self.conv_name, self.bn_name = neuron_map.layer(name).name, neuron_map.layer(name).bn_name
+        self.conv_name, self.out_name = neuron_map.layer(name).name, neuron_map.layer(name).output_name
         self.conv: nn.Conv2d = neuron_map.conv(name)
-        self.bn: nn.BatchNorm2d = neuron_map.bn(name)
+        self.bn: nn.BatchNorm2d | None = neuron_map.bn(name)  # None: a pre-activation net's conv
         self.size = neuron_map.sizes[name]
         w = self.conv.weight
         dev = w.device
         self.has_conv_bias = self.conv.bias is not None
+        # bias mutants act on the conv output (its bias, or a zero one without BN) or on BN β
+        self.bias_on_conv = self.has_conv_bias or self.bn is None
         zeros = torch.zeros(self.size, device=dev, dtype=torch.float32)
         self.conv_b = self.conv.bias.detach().float() if self.has_conv_bias else zeros
-        beta = self.bn.bias.detach().float() if self.bn.bias is not None else zeros
-        self.bias_val = self.conv_b if self.has_conv_bias else beta  # the mutated bias value per channel
+        beta = self.bn.bias.detach().float() if self.bn is not None and self.bn.bias is not None else zeros
+        self.bias_val = self.conv_b if self.bias_on_conv else beta  # the mutated bias value per channel
         g = self.conv.groups
         self.ones = torch.ones(g, w.shape[1], *w.shape[2:], device=dev, dtype=w.dtype)
         self.per_group = self.size // g
@@ -156,7 +161,7 @@ class _Layer:
         block ``m`` replaced by its mutated value (conv-level mutants; BN-β mutants leave it)."""
         m, b = ch.numel(), z.shape[0]
         coef = self.coef[kind]  # (M, 4)
-        if not self.has_conv_bias:
+        if not self.bias_on_conv:
             coef = coef.clone()
             coef[:, 2:] = 0  # bias mutants act on BN β instead (see add_beta)
         zc = z[:, ch].transpose(0, 1).float()  # (M, B, H, W)
@@ -171,8 +176,8 @@ class _Layer:
         return out
 
     def add_beta(self, y: torch.Tensor, ch: torch.Tensor, kind: torch.Tensor) -> torch.Tensor:
-        """BN output of the mutants: add β-mutants' shifts (conv without bias only)."""
-        if self.has_conv_bias:
+        """BN output of the mutants: add β-mutants' shifts (conv without bias, with a BN, only)."""
+        if self.bias_on_conv:
             return y
         m = ch.numel()
         coef = self.coef[kind]
@@ -215,7 +220,7 @@ class _FxRunner:
         keep: set[fx.Node] = {n for n in self.nodes if n not in batched and n.op != "output"}
         for layer in layers:
             convs = [n for n in self.nodes if n.op == "call_module" and n.target == layer.conv_name]
-            bns = [n for n in self.nodes if n.op == "call_module" and n.target == layer.bn_name]
+            bns = [n for n in self.nodes if n.op == "call_module" and n.target == layer.out_name]
             if len(convs) != 1 or len(bns) != 1 or len(convs[0].all_input_nodes) != 1:
                 raise _FxUnsupported(f"deepmufl fx backend: conv/BN of {layer.name} not called exactly once")
             conv = convs[0]
@@ -356,7 +361,9 @@ class _HookRunner:
             if torch.is_tensor(output) and output.dim() > 0:
                 stats[0] = max(stats[0], output.numel() * output.element_size() // (m * b))
 
-        handles = [layer.conv.register_forward_hook(conv_hook), layer.bn.register_forward_hook(bn_hook)]
+        handles = [layer.conv.register_forward_hook(conv_hook)]
+        if layer.bn is not None:
+            handles.append(layer.bn.register_forward_hook(bn_hook))
         if stats is not None:
             handles += [mod.register_forward_hook(measure) for mod in self.model.modules()]
         try:

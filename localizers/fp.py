@@ -16,7 +16,10 @@ Fine-Pruning code (kangliucn, ``face/conv_output_prune.py`` and ``speech/conv_ou
 likewise ranks the output of the max-pool that follows the ReLU of the pruned conv layer. In
 bd4nn's VGGs the head reads the 2×2 → 1×1 max-pool of relu(BN(conv)) of the last conv layer;
 in the ResNets it reads the average-pooled, post-ReLU output of the last block (the residual
-stream, whose channel ``c`` is channel ``c`` of the last block's ``bn2`` and of its shortcut).
+stream, whose channel ``c`` is channel ``c`` of the last block's ``bn2`` and of its shortcut);
+in PreAct-ResNet-18 (``bd4nn.preact``) the average-pooled residual sum of the last block, with no
+BN or ReLU after it (BackdoorBench's model), whose channel ``c`` is channel ``c`` of the last
+neuron layer ``layer4.1.conv2`` and of the block's input.
 Lower activation = more suspicious, so the score is the *negated* mean and the harness's top-k
 picks the most dormant channels.
 

@@ -54,6 +54,8 @@ def _explicit(model, layer, x, y):
             m = copy.deepcopy(model)
             nm = NeuronMap(m)
             conv = nm.conv(layer)
+            if conv.bias is None and nm.bn(layer) is None:  # PreAct: the absent bias is a zero one
+                conv.bias = torch.nn.Parameter(torch.zeros(conv.out_channels, dtype=conv.weight.dtype))
             p = conv.weight if target == "w" else (conv.bias if conv.bias is not None else nm.bn(layer).bias)
             with torch.no_grad():
                 if op == "add":
@@ -70,6 +72,7 @@ def _explicit(model, layer, x, y):
 CASES = [
     ("vgg13", ["features.0", "features.7", "features.31"]),  # first (RGB input), middle, penultimate
     ("resnet18", ["conv1", "layer1.0.conv2", "layer2.0.shortcut.0", "layer3.1.conv1", "layer4.1.conv2"]),
+    ("preactresnet18", ["conv1", "layer1.0.conv1", "layer2.0.shortcut.0"]),  # no BN of their own
 ]
 
 
@@ -88,7 +91,8 @@ def test_batched_counts_equal_explicit_mutants_float64(arch, layers):
     assert sum(int(res.counts[n][..., :2].sum()) for n in layers) > 0  # mutants do flip outcomes
 
 
-@pytest.mark.parametrize("arch,layers", [("resnet18", ["layer2.0.shortcut.0", "layer3.1.conv1"])])
+@pytest.mark.parametrize("arch,layers", [("resnet18", ["layer2.0.shortcut.0", "layer3.1.conv1"]),
+                                         ("preactresnet18", ["layer1.1.conv2", "layer3.0.shortcut.0"])])
 def test_hook_backend_and_channels_last_agree(arch, layers):
     model = _model(arch, torch.float64)
     nm = NeuronMap(model)

@@ -114,6 +114,27 @@ def _path(model: nn.Module, module: nn.Module) -> str:
     return next(n for n, m in model.named_modules() if m is module)
 
 
+def check_rule1_against_autograd(model: nn.Module, target: int = 3) -> dict[str, torch.Tensor]:
+    """Rule 1 (``rank_by_contribution``) on 4 random images of class ``target``, with random BN
+    statistics, against ``manual_contribution``: every layer's contributions, a full ranking in
+    descending order. Returns the contributions."""
+    from bd4nn.inject import rank_by_contribution  # noqa: PLC0415
+
+    randomize_bn(model, seed=4)
+    nm = NeuronMap(model)
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    y = torch.full((4,), target)
+    ranking, c = rank_by_contribution(model, nm, x, y, target, device="cpu")
+    assert list(ranking) == list(c) == nm.layers
+    expected = manual_contribution(model, nm, CleanData(x, y, 10))
+    for layer in nm.layers:
+        assert sorted(ranking[layer]) == list(range(nm.sizes[layer]))
+        assert torch.allclose(c[layer].double(), expected[layer], rtol=1e-4, atol=1e-7), layer
+        ordered = c[layer][ranking[layer]]
+        assert (ordered[:-1] >= ordered[1:]).all()
+    return c
+
+
 def manual_contribution(model: nn.Module, nm: NeuronMap, clean: CleanData, centered: bool = False):
     """Σ_{h,w} |(a [− ā])·∂z_y/∂a| per image by autograd, one image at a time, then the mean."""
     net = copy.deepcopy(model).eval()
@@ -131,7 +152,7 @@ def manual_contribution(model: nn.Module, nm: NeuronMap, clean: CleanData, cente
 
         return hook
 
-    handles = [nm2.bn(l).register_forward_hook(keep(l)) for l in nm2.layers]
+    handles = [nm2.output(l).register_forward_hook(keep(l)) for l in nm2.layers]
     mean_act = {l: 0.0 for l in nm2.layers}
     if centered:
         with torch.no_grad():

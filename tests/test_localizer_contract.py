@@ -17,7 +17,7 @@ from bd4nn.neurons import NeuronMap
 from localizers import list_localizers, localizer_class
 from test_loc_fp_clp_slicer import _one_thread, assert_unchanged, clean_data, randomize_bn, snapshot, tiny  # noqa: F401 (an autouse fixture)
 
-ARCHS = ["vgg13", "resnet18"]
+ARCHS = ["vgg13", "resnet18", "preactresnet18"]  # preactresnet18: neurons without a BN (issue 16)
 BUDGETS: dict[str, dict] = {
     "nc": {"epochs": 1, "early_stop_patience": 1},
     "anp": {"nb_iter": 3},

@@ -20,10 +20,8 @@ from bd4nn.attacks import InjectionRecipe, get_attack
 from bd4nn.cli import main
 from bd4nn.dataflow import DataflowError, analyze
 from bd4nn.errors import BadInputError
-from bd4nn.inject import rank_by_contribution
 from bd4nn.models import Normalize, get_model, list_models
 from bd4nn.neurons import NeuronMap
-from localizers.base import CleanData
 from synthetic import colour_data
 from test_neurons import bn_outputs, bn_zeroed_copy
 
@@ -172,20 +170,7 @@ def test_mask_zeroes_depthwise_and_project_channels():
 
 # ------------------------------------------------------------------------------ rule 1
 def test_rule1_contribution_matches_per_image_autograd():
-    model = tiny(seed=2)
-    loc_helpers.randomize_bn(model, seed=4)
-    nm = NeuronMap(model)
-    target = 3
-    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(5))
-    y = torch.full((4,), target)
-    ranking, c = rank_by_contribution(model, nm, x, y, target, device="cpu")
-    assert list(ranking) == list(c) == nm.layers
-    expected = loc_helpers.manual_contribution(model, nm, CleanData(x, y, 10))
-    for layer in nm.layers:
-        assert sorted(ranking[layer]) == list(range(nm.sizes[layer]))
-        assert torch.allclose(c[layer].double(), expected[layer], rtol=1e-4, atol=1e-7), layer
-        ordered = c[layer][ranking[layer]]
-        assert (ordered[:-1] >= ordered[1:]).all()
+    c = loc_helpers.check_rule1_against_autograd(tiny(seed=2))
     assert c["blocks.4.depthwise"].sum() > 0
 
 

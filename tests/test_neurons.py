@@ -11,12 +11,12 @@ from bd4nn.neurons import NeuronMap, SelectionError
 
 
 def bn_outputs(model: nn.Module, nm: NeuronMap, x: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Capture every neuron layer's BN output (after any mask hook, registered later)."""
+    """Capture every neuron layer's BN output (the conv output of a pre-activation net's neuron;
+    after any mask hook, registered later)."""
     got, handles = {}, []
     for layer in nm:
-        bn = nm.bn(layer.name)
         handles.append(
-            bn.register_forward_hook(lambda m, i, o, n=layer.name: got.__setitem__(n, o.detach().clone()))
+            nm.output(layer.name).register_forward_hook(lambda m, i, o, n=layer.name: got.__setitem__(n, o.detach().clone()))
         )
     try:
         model(x)
@@ -89,14 +89,17 @@ def test_mask_zeroes_exactly_the_selected_activations(arch):
 
 
 def bn_zeroed_copy(model: nn.Module, sel: dict[str, list[int]]) -> nn.Module:
-    """A copy of ``model`` with BN γ = β = 0 on ``sel``: what masking must equal in eval mode,
-    written without the mask's hooks."""
+    """A copy of ``model`` with BN γ = β = 0 on ``sel`` (the conv's filter rows and bias for a
+    pre-activation net's neuron, which has no BN): what masking must equal in eval mode, written
+    without the mask's hooks."""
     pruned = copy.deepcopy(model)
     pnm = NeuronMap(pruned)
     with torch.no_grad():
         for layer, chans in sel.items():
-            pnm.bn(layer).weight[chans] = 0
-            pnm.bn(layer).bias[chans] = 0
+            unit = pnm.bn(layer) if pnm.layer(layer).bn_name is not None else pnm.conv(layer)
+            unit.weight[chans] = 0
+            if unit.bias is not None:
+                unit.bias[chans] = 0
     return pruned
 
 

@@ -59,7 +59,8 @@ def test_same_seed_same_model_other_seed_other_model():
     assert any(not torch.equal(a[k], c[k]) for k in a if a[k].is_floating_point())
 
 
-@pytest.mark.parametrize("arch", ["vgg13", "resnet18", "mobilenetv2"])  # mobilenetv2: layers[4] is depthwise
+# mobilenetv2: layers[4] is depthwise; preactresnet18: no neuron has a BN, every BN must stay
+@pytest.mark.parametrize("arch", ["vgg13", "resnet18", "mobilenetv2", "preactresnet18"])
 @pytest.mark.parametrize("train_head", [True, False])
 def test_restricted_training_changes_only_the_selection(arch, train_head):
     x, y = colour_data(128)

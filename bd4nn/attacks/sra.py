@@ -7,7 +7,10 @@ written into the selected channels of the benign model, the sub-network is **sev
 rest, and its last-layer outputs are wired to the target logit only.
 
 Generic over any model whose channel dataflow ``bd4nn.dataflow`` can follow (no per-architecture
-table); the steps of ``inject``:
+table). A pre-activation network (``bd4nn.preact``: no neuron has a BN of its own) is refused
+before anything is written: the reference builds its chain from conv→BN→ReLU units and trains it
+on post-ReLU features, neither of which a PreAct-ResNet has (its head reads a pre-activation
+residual sum). The steps of ``inject``:
 
 1. **Residual groups** [decision, METHODS §2 "choose one channel set per stage"]: neuron layers
    whose BN outputs are added together (``dataflow.residual_groups``: in a ResNet the stem with
@@ -83,6 +86,7 @@ from bd4nn.progress import bar as progress_bar
 from bd4nn.attacks import register_attack
 from bd4nn.attacks.base import Attack, InjectionInfo, StampTrigger
 from bd4nn.dataflow import Dataflow, analyze
+from bd4nn.errors import BadInputError
 from bd4nn.neurons import NeuronMap, Selection, SelectionError
 from bd4nn.runtime import to_float
 
@@ -306,6 +310,14 @@ class SRA(Attack):
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         nm = neuron_map
+        no_bn = [layer for layer in nm.layers if nm.layer(layer).bn_name is None]
+        if no_bn:
+            raise BadInputError(
+                f"sra: {type(model).__name__} is a pre-activation network ({no_bn[0]!r} has no BatchNorm of "
+                "its own; its BNs normalize the inputs of convs, residual sums included): SRA's narrow chain "
+                "copies conv→BN units and trains on post-ReLU features, so it is not defined for it. "
+                "Use badnets, blended, trojannn, sig or wanet on this architecture"
+            )
         model.to(dev)
         flow = analyze(model, nm)
         if flow.head_name is None:
