@@ -183,17 +183,36 @@ def _build_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", metavar="PATH", help="dataset archive folder (default: $BD4NN_DATA)")
     p.add_argument("--workers", type=number(int, 1), default=None, metavar="N",
                    help="build in N processes at once (default: one per core on a CPU, one on a GPU)")
+    _ray_arg(p, "build on the Ray cluster at ADDRESS (auto: the one `ray start` runs on this node; HOST:PORT; "
+                "default: a new local one): parents first, then the candidates, one GPU per task where it has "
+                "GPUs; --db and the data must be on a filesystem every node shares")
+    p.add_argument("--batch", type=number(int, 1), default=1, metavar="N",
+                   help="with --ray: candidates per Ray task (default 1)")
+
+
+def _ray_arg(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help=help + ' (needs Ray: pip install -e ".[ray]")')
 
 
 @command("build", "build or resume the database of infected models for a profile", _build_args)
 def _build(args: argparse.Namespace) -> int:
     from bd4nn.build import build_parallel, default_workers, load_profile
+    from bd4nn.errors import BadInputError
 
     profile = load_profile(args.profile)
-    workers = args.workers or default_workers(args.device)  # also refuses a device this machine lacks
     kw = dict(datasets=args.datasets, archs=args.archs, attacks=args.attacks, levels=args.levels,
               shard=args.shard, device=args.device, data_root=args.data)
-    stats = build_parallel(args.db, profile, workers=workers, threads=args.threads, **kw)
+    if args.ray is not None:
+        from bd4nn.cluster import build_on_ray
+
+        if args.workers:
+            raise BadInputError("--workers is for one machine; with --ray the cluster's CPUs and GPUs set how "
+                                "many candidates build at once")
+        stats = build_on_ray(args.db, profile, address=args.ray, threads=args.threads, batch=args.batch, **kw)
+    else:
+        workers = args.workers or default_workers(args.device)  # also refuses a device this machine lacks
+        stats = build_parallel(args.db, profile, workers=workers, threads=args.threads, **kw)
     d = stats.to_dict()
     per = f"{d['mean_candidate_seconds']:.2f} s per candidate" if d["mean_candidate_seconds"] else "nothing new"
     print(f"{profile.name}: {stats.planned} planned, {stats.skipped} already built, {stats.built} built "
@@ -395,6 +414,10 @@ def _bench_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true",
                    help=f"a first answer in about a minute: build only {QUICK_ENTRIES} of the database and "
                         f"localize them with {QUICK_LOCALIZERS.replace(',', ', ')} (the full run then reuses them)")
+    _ray_arg(p, "run the cases as Ray tasks on the cluster at ADDRESS (auto, HOST:PORT; default: a new local "
+                "one), one GPU each where it has GPUs: every kind pytest bench/ runs (localization, repair, benign "
+                "controls, database re-measurement), the same results file; without it, pytest -n N is the "
+                "single-machine path")
     p.add_argument("pytest_args", nargs=argparse.REMAINDER,
                    help="arguments for pytest, e.g. -k clp -n 2 --db PATH --baseline FILE")
 
@@ -418,6 +441,11 @@ def _bench(args: argparse.Namespace) -> int:
     if results is None:
         results = root / "results" / f"{time.strftime('%Y%m%d-%H%M%S')}{'-quick' if args.quick else ''}.jsonl"
         extra += ["--results", str(results)]
+    if args.ray is not None:
+        from bd4nn.cluster import ray_module
+
+        ray_module()  # Ray is installed, or a one-line error naming the extra
+        extra += ["--ray", args.ray]
     target = root / "bench"
     if args.quick:  # the localization cases only, on a few entries
         target = target / "test_localization.py"

@@ -8,11 +8,10 @@ so ``-k clp``, ``-k benign`` or ``-k "vgg13 and narrow"`` select as expected.
 
 from __future__ import annotations
 
-import math
-
 import pytest
 
-from bench.plugin import bench_session
+from bd4nn.cases import run_case as run
+from bench.plugin import CASE_KIND, bench_session
 from bench.session import RESULTS_KEY
 
 
@@ -42,13 +41,16 @@ def bench(request):
 
 
 @pytest.fixture
-def record(request):
-    """``record(kind, **metrics)``: attach a case's metrics to its report (reaches the results
-    file through ``user_properties``, also under xdist). Values must be JSON numbers/strings."""
+def run_case(request, bench):
+    """``run_case(**params)``: run this test's case (its ``@bench_case`` kind, ``bd4nn.cases``)
+    here and attach its record to the report, so it reaches the results file through
+    ``user_properties``, also under xdist; returns the ``CaseOutcome`` (the test asserts it has
+    no problems, after the record is attached)."""
+    kind = getattr(request.function, CASE_KIND)
 
-    def _record(case: str, **metrics):
-        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in metrics.items()}
-        request.node.user_properties.append((RESULTS_KEY, {"case": case, **clean}))
-        return clean
+    def _run(**params):
+        out = run(bench.work, kind, **params)
+        request.node.user_properties.append((RESULTS_KEY, out.record))
+        return out
 
-    return _record
+    return _run

@@ -10,7 +10,12 @@
 * with ``--baseline``, every case is compared as its report arrives and the regressions are
   listed once at the end of the session, which then fails (``bench.session.Recorder``);
 * under xdist each worker pins itself to ``cuda:(worker index mod device count)``, or the CPU;
-* pytest-benchmark's statistics table is off unless ``--benchmark-enable`` is given.
+* pytest-benchmark's statistics table is off unless ``--benchmark-enable`` is given;
+* with ``--ray ADDRESS`` the cases run as Ray tasks on a cluster instead of in this process
+  (``bench/ray_cases.py``), and are reported and recorded here as if they had run here.
+
+Each case test is marked with its kind (``@bench_case("localization")``) and runs its case
+through ``bd4nn.cases`` (the ``run_case`` fixture), the code a Ray task runs for it too.
 """
 
 from __future__ import annotations
@@ -47,7 +52,28 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     g.addoption("--bench-seed", type=int, default=0, help="seed given to every localizer and repair")
     g.addoption("--device", type=device_arg, default=None, help="device for serial runs (default: cuda if available)")
     g.addoption("--threads", type=int, default=None, help="torch threads per process (default: "
-                "$BD4NN_THREADS, else the cores divided by the number of xdist workers)")
+                "$BD4NN_THREADS, else the cores divided by the number of xdist workers; with --ray: 1 per task)")
+    g.addoption("--ray", default=None, metavar="ADDRESS", help="run the cases as Ray tasks on the cluster at "
+                "ADDRESS (auto, HOST:PORT, or local: a new cluster here), one GPU each where it has GPUs; needs "
+                'pip install -e ".[ray]"')
+
+
+CASE_KIND = "bd4nn_case"  # the attribute that names a test function's case kind (bd4nn.cases.CASES)
+
+
+def bench_case(kind: str):
+    """Mark a test function as running the cases of kind ``kind`` (a key of ``bd4nn.cases.CASES``)
+    with its parameters: ``run_case`` runs it here, ``--ray`` on the cluster."""
+    from bd4nn.cases import CASES  # noqa: PLC0415
+
+    if kind not in CASES:
+        raise KeyError(f"unknown case kind {kind!r}; known: {', '.join(CASES)}")
+
+    def deco(fn):
+        setattr(fn, CASE_KIND, kind)
+        return fn
+
+    return deco
 
 
 def _is_worker(config: pytest.Config) -> bool:
@@ -93,3 +119,17 @@ def bench_session(config: pytest.Config):
     if s is None:
         pytest.skip("benchmark cases run with `pytest bench/` (the harness was not configured)")
     return s
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtestloop(session: pytest.Session):
+    """With ``--ray``: run the collected cases on the Ray cluster (``bench/ray_cases.py``)."""
+    s = getattr(session.config, "_bd4nn", None)
+    if s is None or s.ray is None or session.config.option.collectonly:
+        return None
+    if session.testsfailed and not session.config.option.continue_on_collection_errors:
+        raise session.Interrupted(f"{session.testsfailed} error(s) during collection")
+    from bench.ray_cases import run_on_ray  # noqa: PLC0415
+
+    run_on_ray(session, s.ray)
+    return True

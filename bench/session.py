@@ -22,6 +22,7 @@ import pytest
 import torch
 
 from bd4nn.build import Profile, build_parallel, default_workers, load_profile
+from bd4nn.cases import Workbench
 from bd4nn.data import cache_folder, data_folder
 from bd4nn.db import Database, DatabaseError, database_fingerprint, weights_fingerprint
 from bd4nn.machine import calibrate, machine_info
@@ -76,9 +77,12 @@ class BenchSession:
     entry_ids: list[str]
     baseline: Baseline | None
     results_path: Path
-    _contexts: dict[str, Any] = field(default_factory=dict)
-    _localizations: dict[tuple[str, str], Any] = field(default_factory=dict)
-    _data: dict[str, Any] = field(default_factory=dict)
+    ray: Any = None  # a bd4nn.cluster.RayBench when the cases run on a Ray cluster (--ray)
+    work: Workbench = field(init=False)  # loads entries and runs cases in this process (bd4nn.cases)
+
+    def __post_init__(self) -> None:
+        dr = data_root()
+        self.work = Workbench(self.db, self.profile, self.device, self.seed, str(dr) if dr else None)
 
     # ------------------------------------------------------------------ setup
     @classmethod
@@ -100,8 +104,9 @@ class BenchSession:
             db_path = cache_dir() / f"db-{profile.name}"
             must_build = True
         patterns = _split(config.getoption("--entries"))
+        ray = _ray_bench(config, db_path, profile) if build else None
         if build and must_build:
-            _ensure(db_path, profile, patterns)  # only the entries --entries asks for
+            _ensure(db_path, profile, patterns, ray)  # only the entries --entries asks for
         db = Database(db_path)
         if not db.entries(kept=None):
             raise pytest.UsageError(
@@ -143,29 +148,11 @@ class BenchSession:
         run = time.strftime("%Y%m%d-%H%M%S")
         results_path = Path(results) if results else ROOT / "results" / f"{run}.jsonl"
         return cls(config, db, profile, worker_device(config), config.getoption("bench_seed"), locs,
-                   repairs, ids, baseline, results_path)
+                   repairs, ids, baseline, results_path, ray)
 
-    # ------------------------------------------------------------------ per-worker caches
+    # ------------------------------------------------------------------ cases
     def settings(self, key: str) -> dict[str, Any]:
-        return dict((self.profile.bench if self.profile else {}).get(key, {}))
-
-    def context(self, entry_id: str):
-        """The entry's model, label, trigger and data, loaded once per worker."""
-        from bd4nn.data import load_dataset  # noqa: PLC0415
-        from bd4nn.harness import load_context  # noqa: PLC0415
-
-        ctx = self._contexts.get(entry_id)
-        if ctx is None:
-            line = self.db.entry(entry_id)
-            if line["dataset"] not in self._data:
-                self._data[line["dataset"]] = load_dataset(line["dataset"], data_root(), progress=False)
-            b = self.profile.bench if self.profile else {}
-            ctx = load_context(self.db, entry_id, device=self.device, data=self._data,
-                               clean_fraction=b.get("clean_fraction", 0.05), clean_images=b.get("clean_images"))
-            if len(self._contexts) >= 4:  # a few models in memory per worker
-                self._contexts.pop(next(iter(self._contexts)))
-            self._contexts[entry_id] = ctx
-        return ctx
+        return self.work.settings(key)
 
     @property
     def parents(self) -> list[str]:
@@ -184,43 +171,6 @@ class BenchSession:
         from localizers import localizer_class  # noqa: PLC0415
 
         return [n for n in self.localizers if not localizer_class(n).needs_ground_truth]
-
-    def benign_context(self, parent: str):
-        """The benign parent ``<dataset>-<arch>`` with its clean data, loaded once per worker."""
-        from bd4nn.data import load_dataset  # noqa: PLC0415
-        from bd4nn.harness import load_benign_context  # noqa: PLC0415
-
-        key = f"benign-{parent}"
-        ctx = self._contexts.get(key)
-        if ctx is None:
-            dataset, arch = parent.split("-", 1)
-            if dataset not in self._data:
-                self._data[dataset] = load_dataset(dataset, data_root(), progress=False)
-            b = self.profile.bench if self.profile else {}
-            ctx = load_benign_context(self.db, dataset, arch, device=self.device, data=self._data,
-                                      clean_fraction=b.get("clean_fraction", 0.05), clean_images=b.get("clean_images"))
-            if len(self._contexts) >= 4:
-                self._contexts.pop(next(iter(self._contexts)))
-            self._contexts[key] = ctx
-        return ctx
-
-    def localizer(self, name: str, label):
-        from bd4nn.harness import make_localizer  # noqa: PLC0415
-
-        return make_localizer(name, label, **self.settings("localizers").get(name, {}))
-
-    def localization(self, name: str, entry_id: str):
-        """The localization of ``entry_id`` by ``name`` (computed once per worker)."""
-        from bd4nn.harness import localize  # noqa: PLC0415
-
-        key = (name, entry_id)
-        if key not in self._localizations:
-            ctx = self.context(entry_id)
-            self._localizations[key] = localize(ctx, self.localizer(name, ctx.label), seed=self.seed)
-        return self._localizations[key]
-
-    def remember(self, name: str, entry_id: str, result) -> None:
-        self._localizations[(name, entry_id)] = result
 
     def recorder(self) -> "Recorder":
         return Recorder(self)
@@ -241,9 +191,25 @@ def _recorded_profile(db: Database) -> Profile | None:
     return None
 
 
-def _ensure(db_path: Path, profile: Profile, ids: list[str] | None = None) -> None:
+def _ray_bench(config: pytest.Config, db_path: Path, profile: Profile | None):
+    """With ``--ray ADDRESS``: the connection that runs the cases (and builds what is missing) as
+    Ray tasks (``bd4nn.cluster``); None without it."""
+    address = config.getoption("--ray")
+    if address is None:
+        return None
+    if getattr(config.option, "numprocesses", None):
+        raise pytest.UsageError("--ray runs the cases on the Ray cluster: leave out -n (xdist is the "
+                                "single-machine path)")
+    from bd4nn.cluster import RayBench  # noqa: PLC0415 (Ray is an optional dependency)
+
+    return RayBench(address, db_root=db_path, profile=profile, device=config.getoption("--device"),
+                    seed=config.getoption("bench_seed"), data_root=data_root(),
+                    threads=config.getoption("--threads") or 1)
+
+
+def _ensure(db_path: Path, profile: Profile, ids: list[str] | None = None, ray=None) -> None:
     """Build or resume ``profile`` into ``db_path`` (no work when complete); with ``ids`` (shell
-    patterns of entry ids), only those candidates."""
+    patterns of entry ids), only those candidates; on the Ray cluster with ``ray``."""
     from bd4nn.build import plan  # noqa: PLC0415
 
     db = Database(db_path)
@@ -253,7 +219,11 @@ def _ensure(db_path: Path, profile: Profile, ids: list[str] | None = None) -> No
     print(f"\nbd4nn: building the {profile.name} database in {db_path} ({len(todo)} candidates to go"
           + (f" for --entries {','.join(ids)}" if ids else "") + "; interrupt and rerun to resume)",
           file=sys.stderr, flush=True)
-    stats = build_parallel(db_path, profile, workers=default_workers(), data_root=data_root(), progress=True, ids=ids)
+    if ray is not None:
+        stats = ray.build(db_path, profile, data_root=data_root(), progress=True, ids=ids)
+    else:
+        stats = build_parallel(db_path, profile, workers=default_workers(), data_root=data_root(), progress=True,
+                               ids=ids)
     print(f"bd4nn: {stats.built} built ({stats.kept} kept) in {stats.seconds:.0f} s", file=sys.stderr, flush=True)
 
 
@@ -268,9 +238,14 @@ class Recorder:
         self.differs: list[str] = []  # cases on another model than their baseline case
         self.weights = {ln["id"]: weights_fingerprint(ln) for ln in session.db.entries(kept=True)}
         self.fingerprint = database_fingerprint(session.db.entries(kept=None))
-        self.threads = session.config.getoption("--threads") or default_threads(max(1, self._workers(session.config)))
-        with pinned_threads(self.threads):  # the same work at the cases' thread count, before any worker starts
-            self.calibration_s = calibrate(session.device)
+        if session.ray is not None:  # the machine and speed of a Ray worker, where the cases run
+            self.threads = session.ray.threads
+            self.calibration_s, self.machine = session.ray.calibrate()
+        else:
+            self.threads = session.config.getoption("--threads") or default_threads(max(1, self._workers(session.config)))
+            with pinned_threads(self.threads):  # the same work at the cases' thread count, before any worker starts
+                self.calibration_s = calibrate(session.device)
+            self.machine = {**machine_info(session.device), "threads": self.threads}
         self.time_rule = ""
 
     @staticmethod
@@ -284,11 +259,11 @@ class Recorder:
         self.fh = open(s.results_path, "w", buffering=1)
         workers = self._workers(config)
         opts = {k: config.getoption(k) for k in ("localizers", "entries", "repairs", "baseline", "bench_seed",
-                                                  "keyword")}
+                                                  "keyword", "ray")}
         opts["localizer_settings"] = s.settings("localizers")
         head = header(run=s.results_path.stem, profile=s.profile.name if s.profile else None, db=str(s.db.root),
                       options=opts, workers=workers, root=ROOT, threads=self.threads,
-                      db_fingerprint=self.fingerprint, machine={**machine_info(s.device), "threads": self.threads},
+                      db_fingerprint=self.fingerprint, machine=self.machine,
                       calibration_s=self.calibration_s)
         self.fh.write(json.dumps(head) + "\n")
         if s.baseline is not None:

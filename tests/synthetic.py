@@ -48,3 +48,20 @@ def repro_profile() -> Profile:
     p.benign = {**p.benign, "epochs": 4}
     p.candidates = {"narrow": [0, 1], "large": [0, 1]}
     return p.validate()
+
+
+def write_imagefolder(root, data: ImageData):
+    """``data`` as an ImageFolder tree at ``root`` (``train/`` and ``test/``, class folders ``c0``,
+    ``c1``, ..., lossless PNGs, so loading it gives back the same tensors), for the code that
+    loads a dataset by name from a folder (``BD4NN_DATA``): other processes, Ray workers."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    root = Path(root)
+    for split, xs, ys in (("train", data.train_x, data.train_y), ("test", data.test_x, data.test_y)):
+        for i, (x, y) in enumerate(zip(xs, ys)):
+            folder = root / split / f"c{int(y)}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(x.permute(1, 2, 0).numpy()).save(folder / f"{i:04d}.png")
+    return root

@@ -10,7 +10,7 @@ from bd4nn.build import build, build_parallel
 from bd4nn.db import Database
 from bd4nn.results import build_runs
 from synthetic import micro_profile, three_colours
-from test_errors_repro import snapshot
+from dbfiles import differences
 
 
 def two_arch_profile():
@@ -45,9 +45,6 @@ def test_two_processes_build_what_one_builds(tmp_path):
     runs = build_runs(Database(tmp_path / "two"))  # the run as a whole, not one line per process
     assert [(r["built"], r["workers"], r["threads"], r["profile"]) for r in runs] == [(2, 2, 1, "micro")]
     assert runs[0]["seconds"] >= max(stats.candidate_seconds)
-    a, b = snapshot(tmp_path / "one"), snapshot(tmp_path / "two")
-    index = "index.jsonl"
-    assert sorted(a[index].splitlines()) == sorted(b[index].splitlines())
-    assert sorted(a) == sorted(b) and [k for k in a if k != index and a[k] != b[k]] == []
+    assert differences(tmp_path / "one", tmp_path / "two") == []
     with pytest.raises(ValueError, match="workers must be >= 1"):
         build_parallel(tmp_path / "none", profile, workers=0)

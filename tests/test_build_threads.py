@@ -7,7 +7,7 @@ from bd4nn.build import build
 from bd4nn.db import Database, database_fingerprint
 from bd4nn.runtime import BUILD_THREADS
 from synthetic import micro_profile, three_colours
-from test_errors_repro import snapshot
+from dbfiles import differences
 
 
 def test_builds_at_one_and_two_threads_write_identical_databases(tmp_path):
@@ -19,8 +19,7 @@ def test_builds_at_one_and_two_threads_write_identical_databases(tmp_path):
             assert torch.get_num_threads() == n  # restored after the build
     finally:
         torch.set_num_threads(before)
-    a, b = snapshot(tmp_path / "t1"), snapshot(tmp_path / "t2")
-    assert sorted(a) == sorted(b) and [k for k in a if a[k] != b[k]] == []
+    assert differences(tmp_path / "t1", tmp_path / "t2") == []
     fp = [database_fingerprint(Database(tmp_path / f"t{n}").entries(kept=None)) for n in (1, 2)]
     assert fp[0] == fp[1]
     label = Database(tmp_path / "t2").load_label(Database(tmp_path / "t2").entries(kept=None)[0]["id"])

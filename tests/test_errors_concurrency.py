@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from bd4nn.db import Database
-from test_errors_repro import PLANNED, build_to_end, run_child, snapshot
+from dbfiles import differences
+from test_errors_repro import PLANNED, build_to_end, run_child
 
 
 def test_a_claimed_candidate_is_not_claimed_twice(tmp_path):
@@ -45,11 +46,7 @@ def test_two_concurrent_builds_into_one_db_both_finish(tmp_path):
     assert len(lines) == PLANNED and len({ln["id"] for ln in lines}) == PLANNED
     assert Database(shared).verify(progress=False) == []
     # the same files as a build that ran alone; the index has the same lines (in any order)
-    a, b = snapshot(alone), snapshot(shared)
-    index = "index.jsonl"
-    assert sorted(a[index].splitlines()) == sorted(b[index].splitlines())
-    assert sorted(a) == sorted(b)
-    assert [k for k in a if k != index and a[k] != b[k]] == []
+    assert differences(alone, shared) == []
 
 
 def test_a_third_build_after_both_builds_nothing(tmp_path):

@@ -18,12 +18,10 @@ from pathlib import Path
 import pytest
 
 from bd4nn.build import RUN_KEY
-from bd4nn.db import TIMINGS, Database
+from bd4nn.db import Database
+from dbfiles import snapshot
 
 HERE = Path(__file__).parent
-# Files that are allowed to differ between builds: the timings (wall-clock, by design) and the
-# empty lock files that only carry flocks.
-NOT_COMPARED = {TIMINGS}
 
 
 def run_child(db: Path, **kw) -> subprocess.Popen:
@@ -37,16 +35,6 @@ def build_to_end(db: Path) -> dict:
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
     return json.loads(out.strip().splitlines()[-1])
-
-
-def snapshot(root: Path) -> dict[str, bytes]:
-    """Every file of the database by relative path, except the timings and lock files."""
-    files = {}
-    for path in sorted(root.rglob("*")):
-        rel = path.relative_to(root).as_posix()
-        if path.is_file() and rel not in NOT_COMPARED and not rel.endswith(".lock"):
-            files[rel] = path.read_bytes()
-    return files
 
 
 PLANNED = 8  # candidates of tests/synthetic.py's repro_profile
