@@ -61,9 +61,10 @@ partial file (at worst an orphan file that a resumed build overwrites). ``save_e
 ``fcntl.flock`` on ``index.lock`` from the duplicate check to the append, so parallel shards on
 one database never interleave lines. Reading the index ignores a truncated (unparseable) last
 line with a warning — a kill during an append — and the next append cuts it off first.
-A temporary file carries its writer's pid (``.<name>.<pid>.<random>.tmp``); ``sweep_orphans``
-(run by every build) deletes those whose writer is no longer alive, and never another live
-build's. Two builds into one database each claim a candidate (``claim``: a non-blocking
+A temporary file carries its writer's pid and host (``.<name>.<pid>@<host>.<random>.tmp``);
+``sweep_orphans`` (run by every build) deletes those of this host whose writer is no longer
+alive, and never another live build's, also one on another node of a cluster sharing the
+folder (``--ray``), whose pid means nothing here: those are deleted only once a day old. Two builds into one database each claim a candidate (``claim``: a non-blocking
 ``flock`` on ``.locks/<id>.lock``) before building it, so neither builds what the other is
 building, and both finish.
 
@@ -84,8 +85,10 @@ import json
 import math
 import os
 import re
+import socket
 import stat
 import tempfile
+import time
 import warnings
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -433,7 +436,7 @@ def _atomic_write(path: Path, data: bytes, root: Path) -> None:
     _under_root(path, root)
     path.parent.mkdir(parents=True, exist_ok=True)
     _under_root(path, root)  # again: a folder created through a link
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}@{HOST}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
@@ -450,7 +453,10 @@ def _atomic_write(path: Path, data: bytes, root: Path) -> None:
 
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_TMP_PID = re.compile(r"\.(\d+)\.[A-Za-z0-9_]+\.tmp$")
+# A temp file's writer: pid, and host (absent in names written before builds ran on clusters).
+_TMP_WRITER = re.compile(r"\.(\d+)(?:@([A-Za-z0-9_-]+))?\.[A-Za-z0-9_]+\.tmp$")
+HOST = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"  # this node, as temp names carry it
+FOREIGN_ORPHAN_AGE_S = 86_400  # another node's temp file older than this is an orphan (no write lasts a day)
 
 
 def _alive(pid: int) -> bool:
@@ -1011,8 +1017,10 @@ class Database:
         return out
 
     def sweep_orphans(self) -> list[Path]:
-        """Delete the temporary files (``.<name>.<pid>.<random>.tmp``) whose writer is no longer
-        alive — left by a build killed mid-write — and return them. A live writer's are kept."""
+        """Delete the temporary files (``.<name>.<pid>@<host>.<random>.tmp``) whose writer is no
+        longer alive — left by a build killed mid-write — and return them. A live writer's are
+        kept; so are another host's, whose liveness cannot be seen from here, until they are
+        ``FOREIGN_ORPHAN_AGE_S`` old."""
         gone: list[Path] = []
         if not self.root.is_dir():
             return gone
@@ -1020,10 +1028,16 @@ class Database:
             for name in files:
                 if not (name.startswith(".") and name.endswith(".tmp")):
                     continue
-                m = _TMP_PID.search(name)
-                if m is not None and _alive(int(m.group(1))):
-                    continue
+                m = _TMP_WRITER.search(name)
                 path = Path(folder) / name
+                if m is not None and m.group(2) not in (None, HOST):  # another node's writer
+                    try:
+                        if time.time() - path.lstat().st_mtime < FOREIGN_ORPHAN_AGE_S:
+                            continue
+                    except FileNotFoundError:
+                        continue
+                elif m is not None and _alive(int(m.group(1))):
+                    continue
                 try:
                     if stat.S_ISREG(path.lstat().st_mode):
                         path.unlink()

@@ -9,7 +9,9 @@ Each build runs in its own process (``tests/build_child.py``, one torch thread).
 import json
 import os
 import random
+import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -128,10 +130,20 @@ def test_orphans_of_dead_writers_are_swept_and_a_live_writers_kept(tmp_path):
     orphan = folder / f".benign.json.{dead_pid}.k9zq_01.tmp"
     legacy = folder / ".benign.json.zz81k2ab.tmp"  # written before temp names carried a pid
     keep = folder / "notes.tmp"  # not one of ours: no leading dot
-    for p in (live, orphan, legacy, keep):
+    # Since temp names carry the host (builds on a Ray cluster share the folder across nodes):
+    host = re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+    live_here = folder / f".benign.json.{os.getpid()}@{host}.q1w2e3.tmp"
+    dead_here = folder / f".benign.json.{dead_pid}@{host}.r4t5y6.tmp"
+    # another node's writer: its pid (here: a dead one) says nothing on this host, so it is kept
+    # while young, and deleted once a day old (no write lasts that long)
+    other_young = folder / f".benign.json.{dead_pid}@node-{host}-2.u7i8o9.tmp"
+    other_old = folder / f".benign.json.{os.getpid()}@node-{host}-3.p0a1s2.tmp"
+    for p in (live, orphan, legacy, keep, live_here, dead_here, other_young, other_old):
         p.write_bytes(b"partial")
-    assert sorted(db.sweep_orphans()) == sorted([orphan, legacy])
-    assert live.exists() and keep.exists() and not orphan.exists() and not legacy.exists()
+    two_days_ago = time.time() - 2 * 86_400
+    os.utime(other_old, (two_days_ago, two_days_ago))
+    assert sorted(db.sweep_orphans()) == sorted([orphan, legacy, dead_here, other_old])
+    assert all(p.exists() for p in (live, keep, live_here, other_young))
 
 
 def test_a_label_written_before_timings_moved_out_still_loads(reference, tmp_path):
