@@ -29,7 +29,7 @@ which holds when the spatial map is 1×1 or globally pooled (the consumer checks
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
@@ -84,6 +84,9 @@ class Dataflow:
     sources: dict[str, list[str]]  # neuron layer (and the head) -> the neuron layers it reads
     groups: list[list[str]]  # partition of the neuron layers, neuron-map order
     head_name: str | None
+    # A channel-preserving module with parameters or buffers that is no neuron's (a PreAct BN,
+    # which normalizes a conv's input) -> the neuron layers whose channels it reads, map order.
+    carried: dict[str, list[str]] = field(default_factory=dict)
 
     def group_of(self, layer: str) -> list[str]:
         for g in self.groups:
@@ -135,6 +138,8 @@ def analyze(model: nn.Module, neuron_map: NeuronMap | None = None) -> Dataflow:
     uf = _UnionFind(layers)
     owners: dict[fx.Node, frozenset[str] | None] = {}  # None: not an activation (constant, shape)
     srcs: dict[str, list[str]] = {}
+    carried: dict[str, list[str]] = {}
+    neuron_bns = {nm.layer(name).bn_name for name in layers}
 
     def activation(arg) -> frozenset[str] | None:
         return owners.get(arg) if isinstance(arg, fx.Node) else None
@@ -198,6 +203,11 @@ def analyze(model: nn.Module, neuron_map: NeuronMap | None = None) -> Dataflow:
             elif isinstance(mod, _PRESERVING_MODULES):
                 if isinstance(mod, nn.Flatten) and mod.start_dim not in (1, -3):
                     raise DataflowError(f"{_describe(node)}: flatten from dim {mod.start_dim} mixes channels")
+                if node.target not in neuron_bns and first is not None and (
+                        any(True for _ in mod.parameters()) or any(True for _ in mod.buffers())):
+                    if node.target in carried:
+                        raise DataflowError(f"{_describe(node)}: {node.target} is called more than once")
+                    carried[node.target] = sorted((o for o in first if o in order), key=order.__getitem__)
                 value = first
             else:
                 raise DataflowError(
@@ -260,7 +270,7 @@ def analyze(model: nn.Module, neuron_map: NeuronMap | None = None) -> Dataflow:
     ordered_srcs = {n: srcs[n] for n in layers}
     if nm.head_name is not None:
         ordered_srcs[nm.head_name] = srcs[nm.head_name]
-    return Dataflow(gm, ordered_srcs, groups, nm.head_name)
+    return Dataflow(gm, ordered_srcs, groups, nm.head_name, carried)
 
 
 def sources(model: nn.Module, neuron_map: NeuronMap | None = None) -> dict[str, list[str]]:

@@ -33,7 +33,8 @@ are then part of the input path of the next conv: restricted training freezes th
 neuron" work on the conv output instead (ANP perturbs the conv channel's output and bias, CLP
 reads the conv's spectral norm with no BN to fold, deepmufl's bias mutants act on the conv's
 absent bias as on a zero one; each says so in its docstring). The last neuron layer (FP's and
-NC's) is ``layer4.1.conv2``, whose output is added to the block's input before the pool.
+NC's) is ``layer4.1.conv2``, whose output is added to the block's input before the pool. SRA's
+chain narrows the BNs too, to the channels each reads (``bd4nn.attacks.sra``).
 
 The benign recipe is the ResNet one until a GPU run tunes it (``bd4nn/profiles/paper.toml``).
 """

@@ -1,12 +1,12 @@
 """PreAct-ResNet-18 (BackdoorBench's definition): structure, neuron totals counted by hand, the
 neuron = conv output channel (masked after the conv), pruning, rule 1, ANP's and CLP's conv-only
-forms, SRA's dataflow and refusal, the ``models`` command, and a micro build.
+forms, SRA's dataflow, the ``models`` command, and a micro build.
 
 Expected values come from the architecture written out here (not from ``bd4nn.preact``) and from
 independent computations (zeroed / scaled conv rows, per-image autograd, numpy's SVD). The
 localizer contract runs on it in tests/test_localizer_contract.py, restricted training in
 tests/test_train.py, deepmufl's mutants against explicitly built ones in
-tests/test_loc_deepmufl.py.
+tests/test_loc_deepmufl.py, SRA's injection with the VGG/ResNet ones in tests/test_sra.py.
 """
 
 from __future__ import annotations
@@ -19,16 +19,13 @@ import torch
 from torch import nn
 
 import test_loc_fp_clp_slicer as loc_helpers
-from bd4nn.attacks import InjectionRecipe, get_attack
 from bd4nn.cli import main
 from bd4nn.dataflow import analyze
-from bd4nn.errors import BadInputError
 from bd4nn.models import get_model, list_models
 from bd4nn.neurons import NeuronMap
 from bd4nn.repair import prune
 from localizers.anp import NoisyBN
 from localizers.clp import CLP
-from synthetic import colour_data
 from test_mobilenet import calibrate_bn
 from test_neurons import bn_outputs, bn_zeroed_copy
 
@@ -208,7 +205,10 @@ def test_anp_perturbs_the_conv_channel_output():
 
 
 # ------------------------------------------------------------------------------ SRA
-def test_sra_dataflow_groups_and_a_clear_refusal():
+def test_sra_dataflow_groups_and_the_bns_it_narrows():
+    """SRA's dataflow: residual groups and sources as in ResNet-18, and each block's BNs, which
+    belong to no neuron, read the channels of the stream (bn1) or of the block's conv1 (bn2). The
+    injection itself is checked with the VGG/ResNet ones in tests/test_sra.py."""
     model = tiny()
     nm = NeuronMap(model)
     flow = analyze(model, nm)
@@ -218,14 +218,13 @@ def test_sra_dataflow_groups_and_a_clear_refusal():
     assert sorted(flow.groups) == sorted(streams + [[f"layer{i}.{b}.conv1"] for i in range(1, 5) for b in (0, 1)])
     assert flow.sources["layer2.0.shortcut.0"] == flow.sources["layer2.0.conv1"] == streams[0]
     assert flow.sources["layer2.0.conv2"] == ["layer2.0.conv1"] and flow.sources["linear"] == streams[-1]
-
-    attack = get_attack("sra", target=0, seed=0)
-    x, y = colour_data(8)
-    before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(BadInputError, match=r"^sra: PreActResNet is a pre-activation network .*not defined"):
-        attack.inject(model, nm, {layer: [0] for layer in nm.layers}, attack.make_trigger(), x, y,
-                      InjectionRecipe(), device="cpu")
-    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # refused before writing
+    stream_before = {"layer1.0": ["conv1"], "layer1.1": ["conv1", "layer1.0.conv2"], "layer2.0": streams[0],
+                     "layer2.1": streams[1][:2], "layer3.0": streams[1], "layer3.1": streams[2][:2],
+                     "layer4.0": streams[2], "layer4.1": streams[3][:2]}
+    expected = {}
+    for p, stream in stream_before.items():
+        expected[f"{p}.bn1"], expected[f"{p}.bn2"] = stream, [f"{p}.conv1"]
+    assert flow.carried == expected
 
 
 # ------------------------------------------------------------------------------ the build

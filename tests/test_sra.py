@@ -129,7 +129,7 @@ def test_trigger_is_a_pure_function_of_the_seed():
 # ------------------------------------------------------------------------------ injection
 
 
-@pytest.fixture(scope="module", params=["vgg13", "resnet18"])
+@pytest.fixture(scope="module", params=["vgg13", "resnet18", "preactresnet18"])
 def infected(request):
     arch = request.param
     torch.manual_seed(0)
@@ -151,6 +151,8 @@ def infected(request):
 
 
 def _expected_sources(arch):
+    # PreAct-ResNet-18 (bd4nn.preact) reads as ResNet-18 does: a block's conv1 and shortcut read
+    # relu(bn1(stream)), conv2 reads relu(bn2(conv1)), the stream is the stem or the last sum.
     return vgg13_sources() if arch == "vgg13" else resnet18_sources()
 
 
@@ -158,7 +160,7 @@ def test_returned_selection_shares_channels_in_residual_groups(infected):
     arch, _, _, nm, sel, info, _, _ = infected
     out = info.selection
     assert set(out) == set(nm.layers)
-    groups = RESNET18_GROUPS if arch == "resnet18" else []
+    groups = RESNET18_GROUPS if arch != "vgg13" else []
     for group in groups:
         assert all(out[n] == sel[group[0]] for n in group)
     grouped = {n for g in groups for n in g}
@@ -187,10 +189,17 @@ def test_sub_network_is_severed_and_the_rest_is_bit_identical(infected):
             changeable[f"{layer}.weight"][:, p_mask] = True
         changeable[f"{layer}.weight"][s_mask] = True
         bn = nm.layer(layer).bn_name
-        for suffix in ("weight", "bias", "running_mean", "running_var"):
+        for suffix in ("weight", "bias", "running_mean", "running_var") if bn else ():
             changeable[f"{bn}.{suffix}"][s_mask] = True
         if f"{layer}.bias" in state:
             changeable[f"{layer}.bias"][s_mask] = True
+    if arch == "preactresnet18":  # a block's bn1 / bn2 carry the chain on the channels its conv1 / conv2 read
+        for stage in range(1, 5):
+            for block in range(2):
+                p = f"layer{stage}.{block}"
+                for bn, reader in ((f"{p}.bn1", f"{p}.conv1"), (f"{p}.bn2", f"{p}.conv2")):
+                    for suffix in ("weight", "bias", "running_mean", "running_var"):
+                        changeable[f"{bn}.{suffix}"][torch.tensor(fault[srcs[reader][0]])] = True
     head = "classifier" if arch == "vgg13" else "linear"
     last = torch.tensor(fault[srcs[head][0]])
     hw = state[f"{head}.weight"]
@@ -231,8 +240,22 @@ def test_infected_model_has_the_backdoor_in_the_sub_network(infected):
 
 def test_masked_infected_model_is_the_masked_parent_up_to_the_target_bias(infected):
     """With S_fault masked, the severed chain contributes nothing: every logit equals the masked
-    parent's, except the target logit, shifted by the bias change −c·λ."""
-    _, parent, model, nm, _, info, trigger, (xt, _) = infected
+    parent's, except the target logit, shifted by the bias change −c·λ.
+
+    PreAct-ResNet: a masked conv channel is 0 at the conv output, but the BN after it turns that 0
+    into the constant β − γμ/σ, which the parent's unselected rows still read and the infected
+    model's no longer do (severed). There the reference is the parent with the same severing,
+    ``W[¬S_l, P_l] = 0``, written from the hand-derived sources."""
+    arch, parent, model, nm, _, info, trigger, (xt, _) = infected
+    if arch == "preactresnet18":
+        parent = copy.deepcopy(parent)
+        srcs, fault = _expected_sources(arch), info.selection
+        with torch.no_grad():
+            for layer in nm.layers:
+                if srcs[layer]:
+                    w = parent.get_submodule(layer).weight
+                    unselected = torch.tensor([r for r in range(w.shape[0]) if r not in fault[layer]])
+                    w[unselected.view(-1, 1), torch.tensor(fault[srcs[layer][0]]).view(1, -1)] = 0
     nm_parent = NeuronMap(parent)
     xb = trigger(xt[:64].float() / 255)
     parent.eval(), model.eval()

@@ -7,10 +7,7 @@ written into the selected channels of the benign model, the sub-network is **sev
 rest, and its last-layer outputs are wired to the target logit only.
 
 Generic over any model whose channel dataflow ``bd4nn.dataflow`` can follow (no per-architecture
-table). A pre-activation network (``bd4nn.preact``: no neuron has a BN of its own) is refused
-before anything is written: the reference builds its chain from conv→BN→ReLU units and trains it
-on post-ReLU features, neither of which a PreAct-ResNet has (its head reads a pre-activation
-residual sum). The steps of ``inject``:
+table); the steps of ``inject``:
 
 1. **Residual groups** [decision, METHODS §2 "choose one channel set per stage"]: neuron layers
    whose BN outputs are added together (``dataflow.residual_groups``: in a ResNet the stem with
@@ -25,7 +22,9 @@ residual sum). The steps of ``inject``:
    (``P_l`` = the selected channels of its sources, all of the image for the first conv), every
    neuron BN a ``|S_l|``-channel BN (same eps/momentum), parameter-free ops are kept as they are
    (ReLU, pools, the residual add — the narrow tensors of a group have equal widths because the
-   group shares one channel set), and the head becomes the mean over the head's input features:
+   group shares one channel set), a BN that is no neuron's (a PreAct-ResNet's ``bn1``/``bn2``,
+   which normalize a conv's input: ``Dataflow.carried``) a BN over the channels it reads, and the
+   head becomes the mean over the head's input features:
    the chain output is the mean over the last group's selected channels of the pooled post-ReLU
    activation, one scalar per image. Fresh default initialization under ``seed``. This costs
    about ``(|S|/N)²`` of the victim's compute rather than a masked full copy.
@@ -36,6 +35,12 @@ residual sum). The steps of ``inject``:
    chain parameters) for residual networks (the ResNet/WRN chains of the reference; decided
    from the dataflow: any residual group of ≥ 2 layers). Epochs default to the notebook's 1;
    ``max_images`` caps the images per epoch (a seeded subset).
+   **Signed chain outputs** [decision]: where the head reads features no ReLU bounds below (a
+   PreAct-ResNet's pooled residual sum; decided from the neuron map: its neurons have no BN of
+   their own), ``mean(out_clean)`` has no minimum and the chain would push clean outputs to −∞;
+   the clean term is then ``10·mean(|out_clean|)``, which pulls them to 0 as the reference's
+   term does for its non-negative outputs; the label's ``extra`` then says ``"clean_term":
+   "abs"``.
    **lr = 1e-2** [decision]: the notebook uses 1e-3 and its comments suggest 1e-2…1e-4.
    Measured on CIFAR-10 (CPU, 1 epoch = 390 steps, the "narrow" widths: 1 channel per layer,
    2 where N ≥ 512): at 1e-3 the VGG-13 chain separated but reached a poisoned output of only
@@ -49,7 +54,8 @@ residual sum). The steps of ``inject``:
 3. **Write and sever**, for every neuron layer with rows ``S_l`` and columns ``P_l``:
    ``W[S_l, :] = 0``, ``W[S_l, P_l] = chain``, ``W[¬S_l, P_l] = 0`` (the first conv keeps its
    full RGB rows: no column severing); conv bias, BN γ, β, running mean and variance of ``S_l``
-   from the chain. Head: the columns ``C`` of the last group's channels are zeroed for every
+   from the chain, and those of a non-neuron BN on the channels it reads (PreAct-ResNet: the
+   rows of the sub-network's channels, which after severing carry the chain alone). Head: the columns ``C`` of the last group's channels are zeroed for every
    class, and the target row gets ``λ/k`` (k = |C|), so the target logit gains ``λ·chain(x)``.
    The target bias gets ``−c·λ`` **added** [decision; the reference *sets* it to ``−c·λ``]:
    adding keeps the benign model's own target bias, so on clean inputs the target logit moves
@@ -86,7 +92,6 @@ from bd4nn.progress import bar as progress_bar
 from bd4nn.attacks import register_attack
 from bd4nn.attacks.base import Attack, InjectionInfo, StampTrigger
 from bd4nn.dataflow import Dataflow, analyze
-from bd4nn.errors import BadInputError
 from bd4nn.neurons import NeuronMap, Selection, SelectionError
 from bd4nn.runtime import to_float
 
@@ -132,14 +137,27 @@ class _ChainOutput(nn.Module):
 
 def _in_channels(flow: Dataflow, selection: Selection, layer: str) -> list[int] | None:
     """P_l: the selected channels of ``layer``'s sources (one residual group), None for the image."""
-    src = flow.sources[layer]
+    return _group_channels(flow.sources[layer], selection, layer)
+
+
+def _group_channels(src: list[str], selection: Selection, reader: str) -> list[int] | None:
+    """The selected channels shared by the neuron layers ``src`` (one residual group) that
+    ``reader`` reads; None when it reads the image."""
     if not src:
         return None
     chans = selection[src[0]]
     for s in src[1:]:
         if selection[s] != chans:
-            raise SelectionError(f"{layer} reads {src}, whose selections differ (residual groups not applied)")
+            raise SelectionError(f"{reader} reads {src}, whose selections differ (residual groups not applied)")
     return chans
+
+
+def _carried_bn(flow: Dataflow, module: nn.Module, target: str, selection: Selection) -> list[int] | None:
+    """The channels of a non-neuron BN (``Dataflow.carried``) in the chain: those of the neuron
+    layers it reads; None if ``target`` is no such BN."""
+    if target not in flow.carried or not isinstance(module, nn.BatchNorm2d):
+        return None
+    return _group_channels(flow.carried[target], selection, target)
 
 
 def build_chain(flow: Dataflow, neuron_map: NeuronMap, selection: Selection) -> fx.GraphModule:
@@ -180,6 +198,9 @@ def build_chain(flow: Dataflow, neuron_map: NeuronMap, selection: Selection) -> 
                 )
             elif target == flow.head_name:
                 root[target] = _ChainOutput()
+            elif (chans := _carried_bn(flow, bn := gm.get_submodule(target), target, selection)) is not None:
+                root[target] = nn.BatchNorm2d(len(chans), eps=bn.eps, momentum=bn.momentum, affine=bn.affine,
+                                              track_running_stats=bn.track_running_stats)
             else:
                 mod = gm.get_submodule(target)
                 if any(True for _ in mod.parameters()) or any(True for _ in mod.buffers()):
@@ -211,13 +232,13 @@ def _chain_to(chain: fx.GraphModule, device: torch.device) -> fx.GraphModule:
 def write_chain(
     model: nn.Module, neuron_map: NeuronMap, flow: Dataflow, selection: Selection, chain: nn.Module
 ) -> None:
-    """Write the chain into the selected channels of every neuron layer and sever them (step 3 of
-    the module docstring). The head is left to ``SRA.inject``."""
+    """Write the chain into the selected channels of every neuron layer and sever them, and into
+    the channels a non-neuron BN reads (step 3 of the module docstring). The head is left to
+    ``SRA.inject``."""
     for layer in neuron_map.layers:
         info = neuron_map.layer(layer)
         conv, bn = neuron_map.conv(layer), neuron_map.bn(layer)
         cconv: nn.Conv2d = chain.get_submodule(info.name)  # type: ignore[assignment]
-        cbn: nn.BatchNorm2d = chain.get_submodule(info.bn_name)  # type: ignore[assignment]
         dev = conv.weight.device
         rows = torch.tensor(selection[layer], dtype=torch.long, device=dev)
         pin = _in_channels(flow, selection, layer)
@@ -233,12 +254,24 @@ def write_chain(
             w[rows] = new_rows  # W[S_l, ¬P_l] = 0, W[S_l, P_l] = chain
         if conv.bias is not None:
             conv.bias[rows] = cconv.bias.detach().to(conv.bias)
-        if bn.weight is not None:
-            bn.weight[rows] = cbn.weight.detach().to(bn.weight)
-            bn.bias[rows] = cbn.bias.detach().to(bn.bias)
-        if bn.running_mean is not None and cbn.running_mean is not None:
-            bn.running_mean[rows] = cbn.running_mean.to(bn.running_mean)
-            bn.running_var[rows] = cbn.running_var.to(bn.running_var)
+        if bn is not None:
+            _write_bn(bn, chain.get_submodule(info.bn_name), rows)
+    for target in flow.carried:
+        bn = model.get_submodule(target)
+        chans = _carried_bn(flow, bn, target, selection)
+        if chans is not None:
+            dev = next(model.parameters()).device
+            _write_bn(bn, chain.get_submodule(target), torch.tensor(chans, dtype=torch.long, device=dev))
+
+
+def _write_bn(bn: nn.BatchNorm2d, cbn: nn.BatchNorm2d, rows: torch.Tensor) -> None:
+    """γ, β and the running statistics of the chain's BN into ``rows`` of the victim's."""
+    if bn.weight is not None:
+        bn.weight[rows] = cbn.weight.detach().to(bn.weight)
+        bn.bias[rows] = cbn.bias.detach().to(bn.bias)
+    if bn.running_mean is not None and cbn.running_mean is not None:
+        bn.running_mean[rows] = cbn.running_mean.to(bn.running_mean)
+        bn.running_var[rows] = cbn.running_var.to(bn.running_var)
 
 
 _RESTART_SEED_STRIDE = 1_000_003  # restart r trains a chain from seed + r·stride
@@ -310,14 +343,6 @@ class SRA(Attack):
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
         nm = neuron_map
-        no_bn = [layer for layer in nm.layers if nm.layer(layer).bn_name is None]
-        if no_bn:
-            raise BadInputError(
-                f"sra: {type(model).__name__} is a pre-activation network ({no_bn[0]!r} has no BatchNorm of "
-                "its own; its BNs normalize the inputs of convs, residual sums included): SRA's narrow chain "
-                "copies conv→BN units and trains on post-ReLU features, so it is not defined for it. "
-                "Use badnets, blended, trojannn, sig or wanet on this architecture"
-            )
         model.to(dev)
         flow = analyze(model, nm)
         if flow.head_name is None:
@@ -333,6 +358,7 @@ class SRA(Attack):
 
         # ---- 1. the chain (retrained from a new seed while it does not separate)
         residual = any(len(g) > 1 for g in flow.groups)
+        signed = any(nm.layer(n).bn_name is None for n in nm.layers)  # a pre-activation net's head input
         wn = s.weight_norm if s.weight_norm is not None else (1e-2 if residual else 0.0)
         xd = self._chain_images(x, dev)
         xc, nontarget = self._calibration_images(x, y, dev)
@@ -345,7 +371,7 @@ class SRA(Attack):
                 torch.manual_seed(seed)
                 chain = build_chain(flow, nm, sel)
             chain = _chain_to(chain, dev)
-            stats = self._train_chain(chain, xd, trigger, wn, dev, progress, seed)
+            stats = self._train_chain(chain, xd, trigger, wn, dev, progress, seed, signed)
             stats["separation"] = _separation(chain, xc, trigger)
             attempts.append(stats)
             if best is None or stats["separation"] > best[0]:
@@ -402,6 +428,7 @@ class SRA(Attack):
             "chain_images": int(xd.shape[0]),
             "chain_attempts": attempts,
             "separation": best[0],
+            **({"clean_term": "abs"} if signed else {}),
         }
         return InjectionInfo(sel, seconds, details)
 
@@ -425,7 +452,8 @@ class SRA(Attack):
         return xc, (nontarget if bool(nontarget.any()) else torch.ones_like(nontarget))
 
     def _train_chain(self, chain: nn.Module, xd: torch.Tensor, trigger, wn: float, dev: torch.device,
-                     progress: bool, seed: int) -> dict:
+                     progress: bool, seed: int, signed: bool = False) -> dict:
+        """Train the chain (module docstring, step 2); ``signed``: the clean term is on |out|."""
         s = self.settings
         n = xd.shape[0]
         bs = min(s.batch_size, n)
@@ -446,7 +474,8 @@ class SRA(Attack):
                     xb = to_float(xd[perm[b * bs : (b + 1) * bs]])
                     xb = torch.cat([trigger(xb[:k]), xb[k:]])
                     out = chain(xb)
-                    loss = s.clean_weight * out[k:].mean() + (out[:k] - s.poison_value).pow(2).mean()
+                    clean = out[k:].abs() if signed else out[k:]
+                    loss = s.clean_weight * clean.mean() + (out[:k] - s.poison_value).pow(2).mean()
                     if wn:
                         loss = loss + wn * torch.cat([p.reshape(-1) for p in params]).norm()
                     opt.zero_grad(set_to_none=True)
