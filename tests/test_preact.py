@@ -163,6 +163,28 @@ def test_mask_zeroes_the_conv_output_and_equals_zeroed_filters():
     assert changed == {f"{n}.weight" for n in sel}  # the conv filters only; every BN stays
 
 
+def test_restricted_training_runs_the_bns_in_eval_mode():
+    """No BN is a neuron's, so restricted training freezes them whole and in eval mode (which
+    entries change is checked in tests/test_train.py); the selected convs still train."""
+    from bd4nn.train import TrainConfig, train
+    from synthetic import colour_data
+
+    model = tiny(seed=0)
+    nm = NeuronMap(model)
+    modes: set[tuple[bool, bool]] = set()  # (a BN in train mode, a conv in train mode) per call
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    hooks = [m.register_forward_pre_hook(lambda m, i: modes.add(("bn", m.training))) for m in bns]
+    hooks.append(model.conv1.register_forward_pre_hook(lambda m, i: modes.add(("conv", m.training))))
+    x, y = colour_data(64)
+    before = model.conv1.weight.detach().clone()
+    train(model, x, y, TrainConfig(epochs=1, batch_size=32, lr=0.01, seed=0), device="cpu",
+          restrict={"conv1": [0]}, neuron_map=nm, progress=False)
+    for h in hooks:
+        h.remove()
+    assert modes == {("bn", False), ("conv", True)}
+    assert not torch.equal(model.conv1.weight[0], before[0]) and torch.equal(model.conv1.weight[1:], before[1:])
+
+
 # ------------------------------------------------------------------------------ rule 1
 def test_rule1_contribution_matches_per_image_autograd():
     c = loc_helpers.check_rule1_against_autograd(tiny(seed=2))
