@@ -20,9 +20,11 @@ METHODS = {
     "pfl": "PFL",
     "random": "Random",
 }
-ARCHS = {"vgg13": "VGG-13", "vgg16": "VGG-16", "resnet18": "ResNet-18", "resnet34": "ResNet-34"}
+# The study's four first, then the options beyond its table (issue 16).
+ARCHS = {"vgg13": "VGG-13", "vgg16": "VGG-16", "resnet18": "ResNet-18", "resnet34": "ResNet-34",
+         "preactresnet18": "PreAct-ResNet-18", "mobilenetv2": "MobileNetV2"}
 DATASETS = {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "gtsrb": "GTSRB", "imagenette": "Imagenette"}
-ATTACKS = {"badnets": "BadNets", "blended": "Blended", "trojannn": "TrojanNN", "sra": "SRA"}
+ATTACKS = {"badnets": "BadNets", "blended": "Blended", "trojannn": "TrojanNN", "sra": "SRA", "sig": "SIG", "wanet": "WaNet"}
 LEVELS = {"narrow": "narrow", "small": "small", "middle": "middle", "large": "large"}
 
 
