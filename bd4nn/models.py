@@ -174,6 +174,15 @@ class BasicBlock(nn.Module):
         return self.relu2(out + self.shortcut(x))
 
 
+def resnet_stem(net: nn.Module, width: float, mean: Sequence[float], std: Sequence[float]) -> list[int]:
+    """Set ``net.normalize`` and the 3x3 stride-1 stem ``net.conv1`` (no bias, no max-pool) of a
+    CIFAR ResNet; returns the four stage widths (64, 128, 256, 512 scaled by ``width``)."""
+    net.normalize = Normalize(mean, std)
+    widths = [_scale(c, width) for c in (64, 128, 256, 512)]
+    net.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
+    return widths
+
+
 def add_stages(net: nn.Module, block: Callable[[int, int, int], nn.Module], blocks: Sequence[int],
                widths: Sequence[int]) -> int:
     """Set ``net.layer1`` … ``net.layer4``: ``blocks[i]`` blocks ``block(in_ch, out_ch, stride)`` of
@@ -201,9 +210,7 @@ class ResNet(nn.Module):
         std: Sequence[float],
     ) -> None:
         super().__init__()
-        self.normalize = Normalize(mean, std)
-        widths = [_scale(c, width) for c in (64, 128, 256, 512)]
-        self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
+        widths = resnet_stem(self, width, mean, std)
         self.bn1 = nn.BatchNorm2d(widths[0])
         self.relu = nn.ReLU()
         in_ch = add_stages(self, BasicBlock, blocks, widths)

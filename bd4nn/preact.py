@@ -46,7 +46,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from bd4nn.models import DEFAULT_MEAN, DEFAULT_STD, Normalize, _scale, add_stages, register_model
+from bd4nn.models import DEFAULT_MEAN, DEFAULT_STD, add_stages, register_model, resnet_stem
 
 __all__ = ["PreActBlock", "PreActResNet", "preactresnet18"]
 
@@ -89,9 +89,7 @@ class PreActResNet(nn.Module):
         std: Sequence[float],
     ) -> None:
         super().__init__()
-        self.normalize = Normalize(mean, std)
-        widths = [_scale(c, width) for c in (64, 128, 256, 512)]
-        self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
+        widths = resnet_stem(self, width, mean, std)
         in_ch = add_stages(self, PreActBlock, blocks, widths)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
