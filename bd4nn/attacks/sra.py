@@ -55,8 +55,9 @@ table); the steps of ``inject``:
    ``W[S_l, :] = 0``, ``W[S_l, P_l] = chain``, ``W[¬S_l, P_l] = 0`` (the first conv keeps its
    full RGB rows: no column severing); conv bias, BN γ, β, running mean and variance of ``S_l``
    from the chain, and those of a non-neuron BN on the channels it reads (PreAct-ResNet: the
-   rows of the sub-network's channels, which after severing carry the chain alone). Head: the columns ``C`` of the last group's channels are zeroed for every
-   class, and the target row gets ``λ/k`` (k = |C|), so the target logit gains ``λ·chain(x)``.
+   rows of the sub-network's channels, which after severing carry the chain alone). Head: the
+   columns ``C`` of the last group's channels are zeroed for every class, and the target row
+   gets ``λ/k`` (k = |C|), so the target logit gains ``λ·chain(x)``.
    The target bias gets ``−c·λ`` **added** [decision; the reference *sets* it to ``−c·λ``]:
    adding keeps the benign model's own target bias, so on clean inputs the target logit moves
    by ``λ·(chain(x) − c) ≈ 0`` and CA is disturbed only by the severing itself; setting it
