@@ -42,6 +42,15 @@ def command(name: str, help: str, add_arguments: Callable[[argparse.ArgumentPars
     return deco
 
 
+def delegated(name: str, help: str, module: str) -> None:
+    """Register ``bd4nn NAME`` whose arguments and body are ``module``'s ``add_arguments(p)`` and
+    ``run(args)``, imported only when the command is used."""
+    from importlib import import_module
+
+    command(name, help, lambda p: import_module(module).add_arguments(p))(
+        lambda args: import_module(module).run(args))
+
+
 # --------------------------------------------------------------------------------- models
 
 
@@ -320,18 +329,8 @@ def _pull(args: argparse.Namespace) -> int:
     return 0
 
 
-def _scan_args(p: argparse.ArgumentParser) -> None:
-    from bd4nn.scan import add_arguments
-
-    add_arguments(p)
-
-
-@command("scan", "run localizers on your own model (safetensors; no label): flagged neurons per layer, "
-                 "agreement, NC's verdict", _scan_args)
-def _scan(args: argparse.Namespace) -> int:
-    from bd4nn.scan import run
-
-    return run(args)
+delegated("scan", "run localizers on your own model (safetensors; no label): flagged neurons per layer, "
+                  "agreement, NC's verdict", "bd4nn.scan")
 
 
 def _verify_args(p: argparse.ArgumentParser) -> None:
@@ -463,18 +462,8 @@ def _bench(args: argparse.Namespace) -> int:
     return rc
 
 
-def _compare_args(p: argparse.ArgumentParser) -> None:
-    from reports.compare import add_arguments
-
-    add_arguments(p)
-
-
-@command("compare", "compare two results files entry by entry: per localizer and level, B - A with a bootstrap "
-                    "confidence interval and the Wilcoxon p (python -m reports.compare)", _compare_args)
-def _compare(args: argparse.Namespace) -> int:
-    from reports.compare import run
-
-    return run(args)
+delegated("compare", "compare two results files entry by entry: per localizer and level, B - A with a bootstrap "
+                     "confidence interval and the Wilcoxon p (python -m reports.compare)", "reports.compare")
 
 
 def _baseline_args(p: argparse.ArgumentParser) -> None:

@@ -174,32 +174,12 @@ class BasicBlock(nn.Module):
         return self.relu2(out + self.shortcut(x))
 
 
-def resnet_stem(net: nn.Module, width: float, mean: Sequence[float], std: Sequence[float]) -> list[int]:
-    """Set ``net.normalize`` and the 3x3 stride-1 stem ``net.conv1`` (no bias, no max-pool) of a
-    CIFAR ResNet; returns the four stage widths (64, 128, 256, 512 scaled by ``width``)."""
-    net.normalize = Normalize(mean, std)
-    widths = [_scale(c, width) for c in (64, 128, 256, 512)]
-    net.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
-    return widths
-
-
-def add_stages(net: nn.Module, block: Callable[[int, int, int], nn.Module], blocks: Sequence[int],
-               widths: Sequence[int]) -> int:
-    """Set ``net.layer1`` … ``net.layer4``: ``blocks[i]`` blocks ``block(in_ch, out_ch, stride)`` of
-    width ``widths[i]``, the first block of a stage at stride 1, 2, 2, 2 and the input of stage 1
-    ``widths[0]`` wide (the stem's). Returns the last stage's width (the head's input)."""
-    in_ch = widths[0]
-    for stage, (n, out_ch, stride) in enumerate(zip(blocks, widths, (1, 2, 2, 2)), start=1):
-        layer = []
-        for b in range(n):
-            layer.append(block(in_ch, out_ch, stride if b == 0 else 1))
-            in_ch = out_ch
-        setattr(net, f"layer{stage}", nn.Sequential(*layer))
-    return in_ch
-
-
 class ResNet(nn.Module):
-    """CIFAR ResNet: ``normalize`` → 3x3 stem → four stages → global avg pool → ``linear``."""
+    """CIFAR ResNet: ``normalize`` → 3x3 stem → four stages of ``block`` → global avg pool →
+    ``linear``. Subclasses change the block and the stem (``bd4nn.preact``: no BN/ReLU after it)."""
+
+    block: Callable[[int, int, int], nn.Module] = BasicBlock  # block(in_ch, out_ch, stride)
+    stem_bn = True  # BN + ReLU after the stem conv
 
     def __init__(
         self,
@@ -210,17 +190,29 @@ class ResNet(nn.Module):
         std: Sequence[float],
     ) -> None:
         super().__init__()
-        widths = resnet_stem(self, width, mean, std)
-        self.bn1 = nn.BatchNorm2d(widths[0])
-        self.relu = nn.ReLU()
-        in_ch = add_stages(self, BasicBlock, blocks, widths)
+        self.normalize = Normalize(mean, std)
+        widths = [_scale(c, width) for c in (64, 128, 256, 512)]
+        self.conv1 = nn.Conv2d(3, widths[0], 3, stride=1, padding=1, bias=False)
+        if self.stem_bn:
+            self.bn1 = nn.BatchNorm2d(widths[0])
+            self.relu = nn.ReLU()
+        in_ch = widths[0]
+        for stage, (n, out_ch, stride) in enumerate(zip(blocks, widths, (1, 2, 2, 2)), start=1):
+            layer = []
+            for b in range(n):
+                layer.append(self.block(in_ch, out_ch, stride if b == 0 else 1))
+                in_ch = out_ch
+            setattr(self, f"layer{stage}", nn.Sequential(*layer))
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.flatten = nn.Flatten()
         self.linear = nn.Linear(in_ch, num_classes)
 
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.conv1(self.normalize(x))
+        return self.relu(self.bn1(out)) if self.stem_bn else out
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(self.normalize(x))))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
+        out = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))
         return self.linear(self.flatten(self.pool(out)))
 
 

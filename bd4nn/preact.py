@@ -11,8 +11,8 @@ Layout (``preactresnet18``), for images in [0, 1] of shape (N, 3, 32, 32):
   ``h = relu1(bn1(x))``; ``out = conv2(relu2(bn2(conv1(h))))``; ``out + shortcut``, where the
   shortcut is ``x`` itself, or a 1x1 strided conv **of h** (``shortcut.0``, no BN) where the
   shape changes. There is no BN or ReLU after the addition;
-* ``avgpool`` (global), ``linear`` head. **No final BN/ReLU** before the pool: BackdoorBench's
-  model has none (He et al.'s full pre-activation net ends with BN-ReLU; kuangliu's CIFAR file,
+* ``pool`` (global average; BackdoorBench's ``avgpool``, which holds no state), ``linear`` head.
+  **No final BN/ReLU** before the pool: BackdoorBench's model has none (He et al.'s full pre-activation net ends with BN-ReLU; kuangliu's CIFAR file,
   from which BackdoorBench's descends, does not).
 
 Module names follow BackdoorBench's (``layer2.0.shortcut.0.weight`` …), so its state dicts load
@@ -41,12 +41,10 @@ The benign recipe is the ResNet one until a GPU run tunes it (``bd4nn/profiles/p
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from torch import nn
 
-from bd4nn.models import DEFAULT_MEAN, DEFAULT_STD, add_stages, register_model, resnet_stem
+from bd4nn.models import DEFAULT_MEAN, DEFAULT_STD, ResNet, register_model
 
 __all__ = ["PreActBlock", "PreActResNet", "preactresnet18"]
 
@@ -75,30 +73,13 @@ class PreActBlock(nn.Module):
         return out + shortcut
 
 
-class PreActResNet(nn.Module):
-    """``normalize`` → ``conv1`` → four stages of ``PreActBlock`` → ``avgpool`` → ``linear``."""
+class PreActResNet(ResNet):
+    """``normalize`` → ``conv1`` (no BN or ReLU) → four stages of ``PreActBlock`` → ``pool`` →
+    ``linear``: ``bd4nn.models.ResNet`` with another block and a bare stem."""
 
+    block = PreActBlock
+    stem_bn = False
     neuron_unit = "conv"  # every conv is a neuron layer, masked at its output (bd4nn.neurons)
-
-    def __init__(
-        self,
-        blocks: Sequence[int],
-        num_classes: int,
-        width: float,
-        mean: Sequence[float],
-        std: Sequence[float],
-    ) -> None:
-        super().__init__()
-        widths = resnet_stem(self, width, mean, std)
-        in_ch = add_stages(self, PreActBlock, blocks, widths)
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.flatten = nn.Flatten()
-        self.linear = nn.Linear(in_ch, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.conv1(self.normalize(x))
-        out = self.layer4(self.layer3(self.layer2(self.layer1(out))))
-        return self.linear(self.flatten(self.avgpool(out)))
 
 
 @register_model

@@ -23,7 +23,7 @@ from bd4nn.errors import BadInputError
 from bd4nn.models import Normalize, get_model, list_models
 from bd4nn.neurons import NeuronMap
 from synthetic import colour_data
-from test_neurons import bn_outputs, bn_zeroed_copy
+from test_neurons import bn_outputs, bn_zeroed_copy, check_hand_count
 
 ARCH = "mobilenetv2"
 _one_thread = loc_helpers._one_thread  # the shared autouse fixture: one intra-op thread
@@ -113,11 +113,7 @@ def test_blocks_follow_the_table():
 
 @pytest.mark.parametrize("width,total", [(1.0, 17056), (0.125, 2132)])
 def test_neuron_totals_match_the_hand_count(width, total):
-    expected = hand_layers(width)
-    assert sum(size for _, size in expected) == total
-    nm = NeuronMap(get_model(ARCH, 10, width=width))
-    assert [(layer.name, layer.size) for layer in nm] == expected
-    assert nm.total == total and len(nm) == 52
+    nm = check_hand_count(get_model(ARCH, 10, width=width), hand_layers(width), total, 52)
     assert nm.layer("blocks.5.depthwise").bn_name == "blocks.5.depthwise_bn"
     assert nm.penultimate == "conv_last" and nm.head_name == "linear"
 

@@ -88,6 +88,16 @@ def test_mask_zeroes_exactly_the_selected_activations(arch):
     assert torch.equal(bn_outputs(model, nm, x)[layer], clean[layer])
 
 
+def check_hand_count(model: nn.Module, expected: list[tuple[str, int]], total: int, n_layers: int) -> NeuronMap:
+    """The model's neuron layers are ``expected`` ((conv name, channels), counted by hand from the
+    architecture), ``n_layers`` of them with ``total`` neurons; returns its map."""
+    assert sum(size for _, size in expected) == total and len(expected) == n_layers
+    nm = NeuronMap(model)
+    assert [(layer.name, layer.size) for layer in nm] == expected
+    assert nm.total == total and len(nm) == n_layers
+    return nm
+
+
 def bn_zeroed_copy(model: nn.Module, sel: dict[str, list[int]]) -> nn.Module:
     """A copy of ``model`` with BN γ = β = 0 on ``sel`` (the conv's filter rows and bias for a
     pre-activation net's neuron, which has no BN): what masking must equal in eval mode, written

@@ -27,7 +27,7 @@ from bd4nn.repair import prune
 from localizers.anp import NoisyBN
 from localizers.clp import CLP
 from test_mobilenet import calibrate_bn
-from test_neurons import bn_outputs, bn_zeroed_copy
+from test_neurons import bn_outputs, bn_zeroed_copy, check_hand_count
 
 ARCH = "preactresnet18"
 _one_thread = loc_helpers._one_thread  # the shared autouse fixture: one intra-op thread
@@ -101,11 +101,7 @@ def test_registered_shaped_and_counted_like_backdoorbench():
 
 @pytest.mark.parametrize("width,total", [(1.0, 4800), (0.125, 600)])
 def test_neuron_totals_match_the_hand_count(width, total):
-    expected = hand_layers(width)
-    assert sum(size for _, size in expected) == total
-    nm = NeuronMap(get_model(ARCH, 10, width=width))
-    assert [(layer.name, layer.size) for layer in nm] == expected
-    assert nm.total == total and len(nm) == 20
+    nm = check_hand_count(get_model(ARCH, 10, width=width), hand_layers(width), total, 20)
     assert all(layer.bn_name is None and layer.output_name == layer.name for layer in nm)
     assert nm.bn("layer1.0.conv1") is None and nm.output("layer1.0.conv1") is nm.conv("layer1.0.conv1")
     assert nm.penultimate == "layer4.1.conv2" and nm.head_name == "linear"
